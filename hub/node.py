@@ -1,0 +1,133 @@
+"""One node: one process, one trio loop, every service of the hub under one nursery tree.
+
+Nesting follows hypercorn's own (outermost first): the asyncio bridge (only when an
+asyncio-only driver is configured), storage, the account services (tokens, revocations,
+rate limits, e-mail worker), the realtime core, then the front door serving HTTP and
+WebSocket. Shutdown unwinds in the reverse order.
+
+Resource handling:
+    ``open_node`` owns every service it starts; leaving the ``async with`` block cancels
+    and closes them. ``serve_node`` owns the listening sockets and the connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from hub.settings import Settings
+
+if TYPE_CHECKING:
+    from actors.realtime import Realtime
+    from api.services import ApiServices
+    from bridge.aio import AsyncioThread
+    from storage.base import Storage
+
+log = logging.getLogger("hub.node")
+
+READY_CHECK_TIMEOUT_S = 2.0
+
+ReadyCheck = Callable[[], Awaitable[None]]
+
+
+class Node:
+    """Handles on every running service of this node. Built by :func:`open_node`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.node_id = settings.hub_node_id
+        self.aio: AsyncioThread | None = None
+        self.storage: Storage
+        self.services: ApiServices
+        self.realtime: Realtime
+        self.nursery: trio.Nursery
+        self.ready_checks: dict[str, ReadyCheck] = {}
+        self.bound: list[tuple[str, int]] = []
+
+    async def check_ready(self) -> dict[str, bool]:
+        """Run every readiness check concurrently; a check that raises or takes longer
+        than :data:`READY_CHECK_TIMEOUT_S` counts as down."""
+        results: dict[str, bool] = {}
+
+        async def run_one(name: str, check: ReadyCheck) -> None:
+            ok = False
+            with trio.move_on_after(READY_CHECK_TIMEOUT_S):
+                try:
+                    await check()
+                    ok = True
+                except Exception as error:
+                    log.warning("readiness check %s failed: %s", name, error)
+            results[name] = ok
+
+        async with trio.open_nursery() as nursery:
+            for name, check in self.ready_checks.items():
+                nursery.start_soon(run_one, name, check)
+        return results
+
+
+@asynccontextmanager
+async def open_node(settings: Settings, *, storage_schema: str | None = None) -> AsyncIterator[Node]:
+    """Start every service of a node except the listener, and yield the node.
+
+    Args:
+        settings: the node's settings.
+        storage_schema: PostgreSQL schema to use (tests isolate themselves with it).
+    """
+    from actors.realtime import open_realtime
+    from api.services import open_api_services
+    from storage import open_storage
+
+    node = Node(settings)
+    async with AsyncExitStack() as stack:
+        node.nursery = await stack.enter_async_context(trio.open_nursery())
+        if settings.uses_postgres:
+            from bridge.aio import open_asyncio_thread
+
+            node.aio = await stack.enter_async_context(open_asyncio_thread(name="hub-aio"))
+        node.storage = await stack.enter_async_context(
+            open_storage(settings, node.aio, schema=storage_schema)
+        )
+        applied = await node.storage.migrate()
+        if applied:
+            log.info("applied migrations %s", ", ".join(applied))
+        node.ready_checks["storage"] = node.storage.ping
+        node.services = await stack.enter_async_context(open_api_services(node))
+        node.realtime = await stack.enter_async_context(open_realtime(node))
+        try:
+            yield node
+        finally:
+            node.nursery.cancel_scope.cancel()
+
+
+async def serve_node(
+    node: Node,
+    *,
+    host: str,
+    port: int,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HTTP and WebSocket on ``host:port`` until ``shutdown`` is set, then drain.
+
+    Reports the bound addresses through ``task_status`` (port 0 picks a free port).
+    """
+    from api.app import MAX_BODY_BYTES, create_app
+    from hub.frontdoor import FrontDoor, hypercorn_config
+
+    app = create_app(node)
+    config = hypercorn_config(
+        graceful_timeout_s=node.settings.shutdown_timeout_s, max_body_bytes=MAX_BODY_BYTES
+    )
+    door = FrontDoor(app, config, node.realtime.handle_websocket)
+
+    await door.serve(
+        host,
+        port,
+        shutdown=shutdown,
+        before_http_drain=node.realtime.drain,
+        task_status=task_status,
+    )

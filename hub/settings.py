@@ -1,0 +1,271 @@
+"""Node settings (SPEC §1): environment, ``.env`` and an optional YAML file; env wins.
+
+Names are the environment variable names of the spec, lower-cased. Unknown keys in the
+YAML file are an error, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+_PERIOD_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+MIN_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """``count`` requests per ``period_s`` seconds, parsed from ``"10/minute"``."""
+
+    count: int
+    period_s: int
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        match = _RATE_RE.match(text)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"{text!r} is not a rate like '10/minute' (second, minute, hour, day)")
+        return cls(int(match.group(1)), _PERIOD_S[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = {v: k for k, v in _PERIOD_S.items()}[self.period_s]
+        return f"{self.count}/{unit}"
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything a node reads at start. See ``docs/operations.md`` for the reference."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+    )
+    yaml_file: ClassVar[Path | None] = None
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port for HTTP and WebSocket.")
+    database_url: str | None = Field(
+        None, description="postgresql://… ; unset → SQLite file in HUB_DATA_DIR."
+    )
+    redis_url: str | None = Field(None, description="redis://… ; unset → in-process broker.")
+    amqp_url: str | None = Field(None, description="amqp://… ; unset → no RabbitMQ.")
+    jwt_secret_key: str | None = Field(
+        None,
+        description="HS256 key, at least 32 bytes. Required with DATABASE_URL; otherwise one is "
+        "generated and kept in HUB_DATA_DIR.",
+    )
+    smtp_host: str | None = Field(None, description="SMTP server; unset → e-mails go to the outbox.")
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    email_from: str = Field("notification-hub <no-reply@localhost>")
+    public_url: str = Field("http://127.0.0.1:8000", description="Base URL used in e-mail links.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_format: str = Field("json", description="json or text.")
+    hub_node_id: str = Field(
+        default_factory=lambda: f"node-{secrets.token_hex(3)}", description="Name of this node."
+    )
+    hub_data_dir: Path = Field(Path("./data"), description="SQLite file, outbox, generated key.")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated WebSocket origins; empty → any."
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated CIDRs whose X-Forwarded-For is believed."
+    )
+    rate_limit_register: str = "5/minute"
+    rate_limit_login: str = "10/minute"
+    rate_limit_auth: str = "10/minute"
+    rate_limit_public: str = "100/minute"
+    rate_limit_admin: str = "1000/minute"
+    auth_require_verified: bool = True
+    access_token_ttl_s: int = Field(3600, ge=60)
+    refresh_token_ttl_s: int = Field(7 * 86400, ge=300)
+    bcrypt_rounds: int = Field(12, ge=4, le=16, description="Spec: 12. Lower only in tests.")
+    heartbeat_interval: float = Field(30, gt=0, description="Seconds between client pings.")
+    heartbeat_timeout: float = Field(60, gt=0, description="Silence before close 4008.")
+    history_size: int = Field(100, ge=0)
+    history_ttl: int = Field(3600, ge=1)
+    ws_max_channels: int = Field(100, ge=1)
+    ws_max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    ws_send_queue_bytes: int = Field(1024 * 1024, ge=4096, description="Slow consumer → 4009.")
+    ws_allow_deflate: bool = False
+    webhook_allow_private: bool = False
+    webhook_secret_key: str | None = None
+    db_pool_size: int = Field(20, ge=1)
+    shutdown_timeout_s: float = Field(8.0, gt=0)
+
+    @field_validator("allowed_origins", "trusted_proxies", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP network") from None
+        return value
+
+    @field_validator(
+        "rate_limit_register",
+        "rate_limit_login",
+        "rate_limit_auth",
+        "rate_limit_public",
+        "rate_limit_admin",
+    )
+    @classmethod
+    def _rates(cls, value: str) -> str:
+        RateLimit.parse(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in {"json", "text"}:
+            raise ValueError("must be json or text")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:")):
+            raise ValueError("must start with postgresql:// (or sqlite:///PATH)")
+        return value or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must start with redis://")
+        return value or None
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp://")
+        return value or None
+
+    @field_validator("jwt_secret_key")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        if self.database_url and self.database_url.startswith("postgres") and not self.jwt_secret_key:
+            raise ValueError("JWT_SECRET_KEY is required when DATABASE_URL is set")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError("HEARTBEAT_TIMEOUT must be greater than HEARTBEAT_INTERVAL")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if cls.yaml_file is not None:
+            sources.append(_LowerYaml(settings_cls, yaml_file=cls.yaml_file))
+        return tuple(sources)
+
+    def rate(self, name: str) -> RateLimit:
+        """The parsed limit ``register``, ``login``, ``auth``, ``public`` or ``admin``."""
+        return RateLimit.parse(getattr(self, f"rate_limit_{name}"))
+
+    @property
+    def sqlite_path(self) -> Path:
+        if self.database_url and self.database_url.startswith("sqlite:"):
+            return Path(self.database_url.split(":", 1)[1].lstrip("/") or "hub.db").resolve()
+        return self.hub_data_dir / "hub.db"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return bool(self.database_url and self.database_url.startswith("postgres"))
+
+    def resolved_jwt_secret(self) -> str:
+        """The configured key, or one generated once and kept in ``HUB_DATA_DIR``."""
+        if self.jwt_secret_key:
+            return self.jwt_secret_key
+        path = self.hub_data_dir / "jwt_secret"
+        if path.exists():
+            return path.read_text().strip()
+        self.hub_data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key
+
+
+class _LowerYaml(YamlConfigSettingsSource):
+    """YAML keys may be written as in the environment (``REDIS_URL``) or lower-case."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        return {str(k).lower(): v for k, v in data.items()}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings; raises ``pydantic.ValidationError`` or ``OSError`` on bad input."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise OSError(f"config file {str(path)!r} not found")
+
+    class _Configured(Settings):
+        yaml_file: ClassVar[Path | None] = Path(config_file) if config_file else None
+
+    return _Configured(**overrides)
+
+
+def describe_error(exc: Exception) -> str:
+    """One clear line for a bad setting (the CLI prints it and exits 2)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(f"{loc.upper()}: {msg}")
+        return "invalid setting: " + "; ".join(parts)
+    return f"invalid setting: {exc}"
