@@ -74,8 +74,9 @@ def create_app(node: Node) -> HubApp:
     @app.errorhandler(StorageUnavailable)
     async def _storage_down(error: StorageUnavailable) -> Response:
         log.warning("storage unavailable: %s", error)
-        return failure(ApiError(503, "Storage is unavailable, try again shortly",
-                                headers={"Retry-After": "5"}))
+        return failure(
+            ApiError(503, "Storage is unavailable, try again shortly", headers={"Retry-After": "5"})
+        )
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
@@ -106,8 +107,13 @@ def create_app(node: Node) -> HubApp:
         checks = await node.check_ready()
         down = sorted(name for name, ok in checks.items() if not ok)
         if down:
-            return failure(ApiError(503, f"Not ready: {', '.join(down)} unavailable",
-                                    details={"checks": checks, "down": down}))
+            return failure(
+                ApiError(
+                    503,
+                    f"Not ready: {', '.join(down)} unavailable",
+                    details={"checks": checks, "down": down},
+                )
+            )
         return success({"status": "ready", "checks": checks})
 
     from api.routes import register_routes

@@ -83,7 +83,9 @@ async def _serve(settings: Settings) -> int:
     log = logging.getLogger("hub")
     shutdown = trio.Event()
 
-    async def watch_signals(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def watch_signals(
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             task_status.started()
             async for signum in signals:
@@ -104,9 +106,13 @@ async def _serve(settings: Settings) -> int:
         )
         for host, port in bound:
             log.info(
-                "serving on http://%s:%s", host if ":" not in host else f"[{host}]", port,
-                extra={"storage": node.storage.backend,
-                       "broker": "redis" if settings.redis_url else "memory"},
+                "serving on http://%s:%s",
+                host if ":" not in host else f"[{host}]",
+                port,
+                extra={
+                    "storage": node.storage.backend,
+                    "broker": "redis" if settings.redis_url else "memory",
+                },
             )
         await shutdown.wait()
     log.info("stopped")
@@ -140,7 +146,9 @@ async def _create_user(settings: Settings, args: argparse.Namespace) -> int:
         check_password_policy(args.password)
     except PasswordPolicyError as error:
         return _fail(f"--password: {error}")
-    password_hash = await trio.to_thread.run_sync(hash_password, args.password, settings.bcrypt_rounds)
+    password_hash = await trio.to_thread.run_sync(
+        hash_password, args.password, settings.bcrypt_rounds
+    )
     async with AsyncExitStack() as stack:
         aio = None
         if settings.uses_postgres:

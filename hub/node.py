@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -70,7 +70,9 @@ class Node:
 
 
 @asynccontextmanager
-async def open_node(settings: Settings, *, storage_schema: str | None = None) -> AsyncIterator[Node]:
+async def open_node(
+    settings: Settings, *, storage_schema: str | None = None
+) -> AsyncIterator[Node]:
     """Start every service of a node except the listener, and yield the node.
 
     Args:

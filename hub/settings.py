@@ -76,12 +76,16 @@ class Settings(BaseSettings):
         description="HS256 key, at least 32 bytes. Required with DATABASE_URL; otherwise one is "
         "generated and kept in HUB_DATA_DIR.",
     )
-    smtp_host: str | None = Field(None, description="SMTP server; unset → e-mails go to the outbox.")
-    smtp_port: int = Field(25, ge=1, le=65535)
-    smtp_username: str | None = None
-    smtp_password: str | None = None
-    smtp_starttls: bool = False
-    email_from: str = Field("notification-hub <no-reply@localhost>")
+    smtp_host: str | None = Field(
+        None, description="SMTP server; unset → e-mails go to the outbox folder."
+    )
+    smtp_port: int = Field(25, ge=1, le=65535, description="SMTP port.")
+    smtp_username: str | None = Field(None, description="SMTP user (optional).")
+    smtp_password: str | None = Field(None, description="SMTP password (optional).")
+    smtp_starttls: bool = Field(False, description="Use STARTTLS with SMTP.")
+    email_from: str = Field(
+        "notification-hub <no-reply@localhost>", description="From: of e-mails the hub sends."
+    )
     public_url: str = Field("http://127.0.0.1:8000", description="Base URL used in e-mail links.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
     log_format: str = Field("json", description="json or text.")
@@ -95,27 +99,48 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated CIDRs whose X-Forwarded-For is believed."
     )
-    rate_limit_register: str = "5/minute"
-    rate_limit_login: str = "10/minute"
-    rate_limit_auth: str = "10/minute"
-    rate_limit_public: str = "100/minute"
-    rate_limit_admin: str = "1000/minute"
-    auth_require_verified: bool = True
-    access_token_ttl_s: int = Field(3600, ge=60)
-    refresh_token_ttl_s: int = Field(7 * 86400, ge=300)
+    rate_limit_register: str = Field("5/minute", description="Registrations per client IP.")
+    rate_limit_login: str = Field("10/minute", description="Logins per client IP.")
+    rate_limit_auth: str = Field("10/minute", description="Other /auth requests per client IP.")
+    rate_limit_public: str = Field("100/minute", description="Authenticated requests per user.")
+    rate_limit_admin: str = Field("1000/minute", description="Admin requests per admin user.")
+    auth_require_verified: bool = Field(True, description="Login needs a verified e-mail.")
+    access_token_ttl_s: int = Field(3600, ge=60, description="Access token lifetime (s).")
+    refresh_token_ttl_s: int = Field(7 * 86400, ge=300, description="Refresh token lifetime (s).")
     bcrypt_rounds: int = Field(12, ge=4, le=16, description="Spec: 12. Lower only in tests.")
     heartbeat_interval: float = Field(30, gt=0, description="Seconds between client pings.")
     heartbeat_timeout: float = Field(60, gt=0, description="Silence before close 4008.")
-    history_size: int = Field(100, ge=0)
-    history_ttl: int = Field(3600, ge=1)
-    ws_max_channels: int = Field(100, ge=1)
-    ws_max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    history_size: int = Field(100, ge=0, description="Messages kept per channel for recovery.")
+    history_ttl: int = Field(3600, ge=1, description="Seconds a message stays in history.")
+    ws_max_channels: int = Field(
+        100,
+        ge=1,
+        description="Channels per connection (LIMIT_EXCEEDED beyond).",
+    )
+    ws_max_frame_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest client frame (close 1009 beyond).",
+    )
     ws_send_queue_bytes: int = Field(1024 * 1024, ge=4096, description="Slow consumer → 4009.")
-    ws_allow_deflate: bool = False
-    webhook_allow_private: bool = False
-    webhook_secret_key: str | None = None
-    db_pool_size: int = Field(20, ge=1)
-    shutdown_timeout_s: float = Field(8.0, gt=0)
+    ws_allow_deflate: bool = Field(
+        False,
+        description="Accept permessage-deflate when a client asks.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhooks to private addresses (tests only).",
+    )
+    webhook_secret_key: str | None = Field(
+        None,
+        description="Key that encrypts webhook secrets at rest.",
+    )
+    db_pool_size: int = Field(20, ge=1, description="PostgreSQL pool size.")
+    shutdown_timeout_s: float = Field(
+        8.0,
+        gt=0,
+        description="Grace period for in-flight requests on SIGTERM.",
+    )
 
     @field_validator("allowed_origins", "trusted_proxies", mode="before")
     @classmethod
@@ -189,7 +214,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross(self) -> Settings:
-        if self.database_url and self.database_url.startswith("postgres") and not self.jwt_secret_key:
+        if self.uses_postgres and not self.jwt_secret_key:
             raise ValueError("JWT_SECRET_KEY is required when DATABASE_URL is set")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TIMEOUT must be greater than HEARTBEAT_INTERVAL")
@@ -269,3 +294,17 @@ def describe_error(exc: Exception) -> str:
             parts.append(f"{loc.upper()}: {msg}")
         return "invalid setting: " + "; ".join(parts)
     return f"invalid setting: {exc}"
+
+
+def settings_reference() -> str:
+    """The settings table of ``docs/operations.md``, generated from :class:`Settings`."""
+    rows = ["| variable | default | description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "(generated)" if name == "hub_node_id" else "(empty)"
+        elif field.default is None:
+            default = "(unset)"
+        else:
+            default = f"`{field.default}`"
+        rows.append(f"| `{name.upper()}` | {default} | {field.description or ''} |")
+    return "\n".join(rows)
