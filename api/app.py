@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 from quart import g, request
@@ -58,13 +59,31 @@ def create_app(node: Node) -> HubApp:
     @app.before_request
     async def _request_id() -> None:
         g.request_id = sanitise_request_id(request.headers.get("X-Request-ID"))
+        g.started = time.perf_counter()
         request_id_var.set(g.request_id)
+        # Read the whole body (at most MAX_BODY_BYTES, else 413) before answering, even
+        # when the route ignores it (404, 405, GET with a body): if hypercorn finishes a
+        # response while the client is still sending the body, quart-trio cancels the
+        # connection close half-way and the next keep-alive request hangs forever.
+        await request.get_data(cache=True)
 
     @app.after_request
     async def _echo_request_id(response: Response) -> Response:
         request_id = getattr(g, "request_id", None)
         if request_id:
             response.headers["X-Request-ID"] = request_id
+        started = getattr(g, "started", None)
+        log.info(
+            "%s %s %s",
+            request.method,
+            request.full_path.rstrip("?"),
+            response.status_code,
+            extra={
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2)
+                if started is not None
+                else None
+            },
+        )
         return response
 
     @app.errorhandler(ApiError)
@@ -89,6 +108,10 @@ def create_app(node: Node) -> HubApp:
         }
         api_error = ApiError(status, messages.get(status, error.description or error.name))
         response = failure(api_error)
+        if status == 413:
+            # The rest of the body is never read: end the connection after the answer,
+            # or the next request on it would wait behind the unread bytes.
+            response.headers["Connection"] = "close"
         if status == 405 and getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods or [])
         return response

@@ -31,6 +31,7 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
 
 log = logging.getLogger("hub.frontdoor")
 
@@ -121,7 +122,7 @@ class FrontDoor:
         config: HypercornConfig,
         ws_handler: WebSocketHandler,
     ) -> None:
-        self.app = app
+        self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.config = config
         self.ws_handler = ws_handler
         self.context = WorkerContext(None)

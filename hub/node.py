@@ -47,6 +47,7 @@ class Node:
         self.nursery: trio.Nursery
         self.ready_checks: dict[str, ReadyCheck] = {}
         self.bound: list[tuple[str, int]] = []
+        self.redis_prefix = ""
 
     async def check_ready(self) -> dict[str, bool]:
         """Run every readiness check concurrently; a check that raises or takes longer
@@ -71,19 +72,21 @@ class Node:
 
 @asynccontextmanager
 async def open_node(
-    settings: Settings, *, storage_schema: str | None = None
+    settings: Settings, *, storage_schema: str | None = None, redis_prefix: str = ""
 ) -> AsyncIterator[Node]:
     """Start every service of a node except the listener, and yield the node.
 
     Args:
         settings: the node's settings.
         storage_schema: PostgreSQL schema to use (tests isolate themselves with it).
+        redis_prefix: prepended to every Redis key of this node (tests isolate with it).
     """
     from actors.realtime import open_realtime
     from api.services import open_api_services
     from storage import open_storage
 
     node = Node(settings)
+    node.redis_prefix = redis_prefix
     async with AsyncExitStack() as stack:
         node.nursery = await stack.enter_async_context(trio.open_nursery())
         if settings.uses_postgres:

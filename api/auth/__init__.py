@@ -1,0 +1,1 @@
+"""Accounts: tokens, revocations, passwords, the auth routes and the bearer check."""

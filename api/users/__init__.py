@@ -1,0 +1,1 @@
+"""``/api/v1/users``: the caller's own account and the admin listing."""
