@@ -139,7 +139,11 @@ class FrontDoor:
                 await stream.aclose()
             return
         if is_websocket_upgrade(head):
-            await self.ws_handler(stream, head)
+            # Build the call first and drop our reference, so the head bytes live only
+            # as long as the realtime core keeps them (not for the socket's lifetime).
+            handle = self.ws_handler(stream, head)
+            del head
+            await handle
             return
         self.http_connections += 1
         self._http_idle = trio.Event() if self.http_connections == 1 else self._http_idle

@@ -1,0 +1,238 @@
+"""The hub: this node's registry of connection actors and channel actors.
+
+It indexes connections by user and by session (so a logout or an account deletion
+closes exactly those sockets), keeps one :class:`~actors.channel.ChannelActor` per
+channel with local subscribers, takes and drops the node's broker subscription per
+channel, and receives every publication from the broker
+(:class:`~bridge.broker.BrokerEventHandler`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import trio
+
+from actors.channel import ChannelActor, ChannelState
+from actors.close_codes import CloseCode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from actors.connection import ConnectionActor
+    from api.auth.tokens import AccessClaims
+    from bridge.broker import Broker, Publication
+
+log = logging.getLogger("hub.realtime.hub")
+
+#: Seconds an empty channel actor lingers before the janitor retires it, so a client
+#: that resubscribes quickly does not churn the broker subscription.
+CHANNEL_LINGER_S = 5.0
+#: Seconds between two janitor sweeps.
+JANITOR_INTERVAL_S = 1.0
+
+
+class Hub:
+    """Registry of this node's connections and channels.
+
+    Mailbox:
+        None: every method except :meth:`join` and :meth:`run_janitor` is a direct,
+        synchronous call that never blocks, safe from any task (the broker's reader, the
+        REST handler, a connection actor, a revocation callback).
+
+    Backpressure:
+        None is needed here; it lives in each connection's bounded send queue.
+
+    Cancellation:
+        :meth:`join` may be cancelled while it waits for the broker: a channel it was
+        creating is then forgotten, and whoever else waited for it creates it again.
+        :meth:`run_janitor` is restarted by the supervisor when it crashes and stops
+        when cancelled.
+
+    Resource handling:
+        Connection actors add themselves once accepted and remove themselves when they
+        end; the hub never closes a socket itself, it asks the actor to (``close_soon``).
+    """
+
+    def __init__(self) -> None:
+        self.broker: Broker
+        self.connections: set[ConnectionActor] = set()
+        self.channels: dict[str, ChannelActor] = {}
+        self._by_user: dict[str, set[ConnectionActor]] = {}
+        self._by_session: dict[str, set[ConnectionActor]] = {}
+        self._idle: dict[str, float] = {}  # channel -> when it became empty
+        self._empty: trio.Event | None = None
+        self.draining = False
+        self.opened = 0
+        self.delivered = 0
+        self.publications = 0
+        self.closed: Counter[int] = Counter()
+
+    # -- connections -------------------------------------------------------------------
+    def add_connection(self, conn: ConnectionActor) -> None:
+        """Register an accepted, authenticated connection."""
+        self.connections.add(conn)
+        self._by_user.setdefault(conn.user_id, set()).add(conn)
+        self._by_session.setdefault(conn.session_id, set()).add(conn)
+        self.opened += 1
+
+    def reindex_session(self, conn: ConnectionActor, old_session_id: str) -> None:
+        """Move ``conn`` from ``old_session_id`` to its current session (after refresh)."""
+        if old_session_id == conn.session_id:
+            return
+        _discard(self._by_session, old_session_id, conn)
+        self._by_session.setdefault(conn.session_id, set()).add(conn)
+
+    def remove_connection(self, conn: ConnectionActor, close_code: int | None) -> None:
+        """Forget ``conn`` and its subscriptions, counting its close code. Called once
+        per connection actor, registered or refused."""
+        if close_code is not None:
+            self.closed[close_code] += 1
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        _discard(self._by_user, conn.user_id, conn)
+        _discard(self._by_session, conn.session_id, conn)
+        for name in list(conn.channels):
+            self.leave(conn, name)
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    def close_all(self, code: CloseCode) -> None:
+        for conn in list(self.connections):
+            conn.close_soon(code)
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+    async def wait_empty(self) -> None:
+        """Return once no connection is registered."""
+        while self.connections:
+            if self._empty is None or self._empty.is_set():
+                self._empty = trio.Event()
+            await self._empty.wait()
+
+    def close_revoked(
+        self, kind: str, ident: str, is_revoked: Callable[[AccessClaims], bool]
+    ) -> None:
+        """Close (4001) the sockets of session or user ``ident`` whose token
+        ``is_revoked`` now says is revoked (a user revocation spares tokens issued
+        after it)."""
+        index = self._by_session if kind == "session" else self._by_user
+        for conn in list(index.get(ident, ())):
+            if conn.claims is not None and is_revoked(conn.claims):
+                conn.close_soon(CloseCode.UNAUTHORIZED, "token revoked")
+
+    # -- channels ----------------------------------------------------------------------
+    async def join(self, name: str) -> ChannelActor:
+        """The active actor of channel ``name``, created (with the node's broker
+        subscription) when there is none. The caller then adds its connection with
+        :meth:`ChannelActor.begin_recovery` before it next awaits.
+
+        Raises:
+            Exception: whatever the broker raised while subscribing.
+        """
+        while True:
+            actor = self.channels.get(name)
+            if actor is None:
+                actor = self.channels[name] = ChannelActor(name)
+                try:
+                    await self.broker.subscribe(name)
+                except BaseException:
+                    del self.channels[name]
+                    assert actor.transition is not None
+                    actor.transition.set()
+                    raise
+                actor.state = ChannelState.ACTIVE
+                assert actor.transition is not None
+                actor.transition.set()
+                actor.transition = None
+                # Watched from birth: if its first subscriber never arrives, it retires.
+                self._idle[name] = trio.current_time()
+                return actor
+            if actor.state is ChannelState.ACTIVE:
+                return actor
+            assert actor.transition is not None
+            await actor.transition.wait()
+
+    def leave(self, conn: ConnectionActor, name: str) -> None:
+        """Remove ``conn`` from channel ``name``; an emptied channel starts to linger."""
+        actor = conn.channels.pop(name, None)
+        if actor is None:
+            return
+        actor.remove(conn)
+        if actor.is_empty and actor.state is ChannelState.ACTIVE:
+            self._idle[name] = trio.current_time()
+
+    def handle_publication(self, channel: str, publication: Publication) -> None:
+        """:class:`~bridge.broker.BrokerEventHandler`: fan out to local subscribers."""
+        self.publications += 1
+        actor = self.channels.get(channel)
+        if actor is None or actor.state is ChannelState.CLOSING:
+            return
+        try:
+            self.delivered += actor.broadcast(publication)
+        except Exception:  # a bug in fan-out must not fail the publisher
+            log.exception("fan-out to channel %s failed", channel)
+
+    async def run_janitor(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Retire channel actors that stayed empty for :data:`CHANNEL_LINGER_S`.
+
+        Cancellation:
+            Cancel the surrounding scope to stop. A retirement interrupted while the
+            broker unsubscribes leaves the actor CLOSING; the node is stopping then.
+        """
+        task_status.started()
+        while True:
+            await trio.sleep(JANITOR_INTERVAL_S)
+            horizon = trio.current_time() - CHANNEL_LINGER_S
+            for name, since in list(self._idle.items()):
+                if since <= horizon:
+                    await self._retire(name)
+
+    async def _retire(self, name: str) -> None:
+        self._idle.pop(name, None)
+        actor = self.channels.get(name)
+        if actor is None or actor.state is not ChannelState.ACTIVE or not actor.is_empty:
+            return
+        actor.state = ChannelState.CLOSING
+        actor.transition = trio.Event()
+        try:
+            await self.broker.unsubscribe(name)
+        finally:
+            del self.channels[name]
+            actor.transition.set()
+
+    def channel_counts(self) -> dict[str, int]:
+        """Local subscribers of each active channel (including those recovering)."""
+        return {
+            name: len(actor.subscribers) + len(actor.recovering)
+            for name, actor in self.channels.items()
+        }
+
+    def statistics(self) -> dict[str, object]:
+        """Counts for ``/metrics`` and tests; ``closed`` is by close code, ``closing``
+        counts connections that are closing now, by code."""
+        closing = Counter(c.close_code for c in self.connections if c.close_code is not None)
+        return {
+            "connections": len(self.connections),
+            "connections_opened": self.opened,
+            "channels": len(self.channels),
+            "publications": self.publications,
+            "delivered": self.delivered,
+            "closed": dict(self.closed),
+            "closing": dict(closing),
+        }
+
+
+def _discard(index: dict[str, set[ConnectionActor]], key: str, conn: ConnectionActor) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(conn)
+        if not members:
+            del index[key]
