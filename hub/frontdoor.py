@@ -31,7 +31,7 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
-from hypercorn.utils import wrap_app
+from hypercorn.utils import parse_socket_addr, wrap_app
 
 log = logging.getLogger("hub.frontdoor")
 
@@ -39,6 +39,7 @@ WS_PATH = b"/ws/notifications"
 HEAD_LIMIT_BYTES = 16 * 1024
 HEAD_TIMEOUT_S = 10.0
 RECV_BYTES = 16 * 1024
+IDLE_SWEEP_S = 1.0
 
 WebSocketHandler = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -49,9 +50,12 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     Hypercorn's ``TCPServer`` reads ``.socket`` for the peer address, so it is exposed.
     """
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, prefix: bytes, on_data: Callable[[], None]
+    ) -> None:
         self._stream = stream
         self._prefix = prefix
+        self._on_data = on_data
         self.socket = stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -62,7 +66,10 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
                 data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        data = await self._stream.receive_some(max_bytes)
+        if data:
+            self._on_data()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -113,6 +120,31 @@ async def read_head(stream: trio.SocketStream) -> bytes | None:
     return None
 
 
+class HttpConnection:
+    """What the door knows of one HTTP connection: is a request in flight?
+
+    Hypercorn 0.18's own keep-alive timer is cancelled right after it starts (its idle
+    task is restarted and stopped within one response cycle), so idle keep-alive
+    connections would never time out and would hold a graceful shutdown for its whole
+    grace period. The door therefore tracks idleness itself: a connection is busy from
+    the first bytes of a request until the app has answered it.
+    """
+
+    __slots__ = ("idle_since", "inflight", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.inflight = 0
+        self.idle_since: float | None = None  # None while a request may be arriving
+
+    def mark_data(self) -> None:
+        self.idle_since = None
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and self.idle_since is not None
+
+
 class FrontDoor:
     """Serves HTTP through hypercorn and WebSocket upgrades through ``ws_handler``."""
 
@@ -122,15 +154,53 @@ class FrontDoor:
         config: HypercornConfig,
         ws_handler: WebSocketHandler,
     ) -> None:
-        self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        self._app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.config = config
         self.ws_handler = ws_handler
         self.context = WorkerContext(None)
         self.state: dict[str, Any] = {}
-        self.http_connections = 0
+        self._http: dict[tuple[str, int], HttpConnection] = {}
         self._http_idle = trio.Event()
         self._http_idle.set()
+        self._closing = False
         self.bound: list[tuple[str, int]] = []
+
+    @property
+    def http_connections(self) -> int:
+        return len(self._http)
+
+    async def app(
+        self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
+    ) -> None:
+        """The ASGI app as hypercorn calls it, counting requests per connection."""
+        conn = self._http.get(scope.get("client")) if scope["type"] == "http" else None
+        if conn is None:
+            await self._app(scope, receive, send, sync_spawn, call_soon)
+            return
+        conn.inflight += 1
+        conn.idle_since = None
+        try:
+            await self._app(scope, receive, send, sync_spawn, call_soon)
+        finally:
+            conn.inflight -= 1
+            if conn.inflight == 0:
+                conn.idle_since = trio.current_time()
+                if self._closing:
+                    self._abort(conn)
+
+    def _abort(self, conn: HttpConnection) -> None:
+        """Close an idle connection now; hypercorn's reader sees it closed and ends."""
+        trio.lowlevel.notify_closing(conn.stream.socket)
+        conn.stream.socket.close()
+
+    async def _sweep_idle(self) -> None:
+        """Close keep-alive connections idle for longer than ``keep_alive_timeout``."""
+        while True:
+            await trio.sleep(IDLE_SWEEP_S)
+            deadline = trio.current_time() - self.config.keep_alive_timeout
+            for conn in list(self._http.values()):
+                if conn.idle and conn.idle_since is not None and conn.idle_since < deadline:
+                    self._abort(conn)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         head = await read_head(stream)
@@ -145,20 +215,25 @@ class FrontDoor:
             del head
             await handle
             return
-        self.http_connections += 1
-        self._http_idle = trio.Event() if self.http_connections == 1 else self._http_idle
+        peer = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+        conn = HttpConnection(stream)
+        if not self._http:
+            self._http_idle = trio.Event()
+        self._http[peer] = conn
         try:
             server = TCPServer(
                 self.app,
                 self.config,
                 self.context,
                 ConnectionState(self.state.copy()),
-                PrefixedStream(stream, head),  # type: ignore[arg-type]
+                PrefixedStream(stream, head, conn.mark_data),  # type: ignore[arg-type]
             )
             await server.run()
+        except OSError:
+            pass  # closed by the door while hypercorn was finishing with it
         finally:
-            self.http_connections -= 1
-            if self.http_connections == 0:
+            del self._http[peer]
+            if not self._http:
                 self._http_idle.set()
 
     async def serve(
@@ -188,6 +263,7 @@ class FrontDoor:
                     )
                 self.bound = [listener.socket.getsockname()[:2] for listener in listeners]
                 async with trio.open_nursery() as accept_nursery:
+                    accept_nursery.start_soon(self._sweep_idle)
                     for listener in listeners:
                         accept_nursery.start_soon(
                             partial(
@@ -207,6 +283,10 @@ class FrontDoor:
                     with trio.move_on_at(deadline):
                         await before_http_drain()
                 await self.context.terminated.set()
+                self._closing = True
+                for conn in list(self._http.values()):
+                    if conn.idle:
+                        self._abort(conn)
                 with trio.move_on_at(deadline):
                     await self._http_idle.wait()
                 conn_nursery.cancel_scope.cancel()
