@@ -17,6 +17,7 @@ import trio
 from hub.settings import Settings, describe_error, load_settings
 
 EXIT_BAD_SETTING = 2
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,16 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hub.logs import configure_logging
 
     configure_logging(settings.log_level, settings.hub_node_id, settings.log_format)
-    if args.command == "serve":
-        return trio.run(_serve, settings)
-    if args.command == "migrate":
-        return trio.run(_migrate, settings)
-    if args.command == "users" and args.users_command == "create":
-        return trio.run(_create_user, settings, args)
-    return _fail("unknown command")
+    from storage.base import StorageUnavailable
+
+    commands = {"serve": _serve, "migrate": _migrate, "users": _create_user}
+    unavailable: StorageUnavailable | None = None
+    try:
+        return trio.run(commands[args.command], settings, args)
+    except* StorageUnavailable as group:
+        unavailable = group.exceptions[0]  # type: ignore[assignment]
+    print(f"hub: storage unavailable: {unavailable}", file=sys.stderr)
+    return EXIT_UNAVAILABLE
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import logging
 
     from hub.node import open_node, serve_node
@@ -119,7 +123,7 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
-async def _migrate(settings: Settings) -> int:
+async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from contextlib import AsyncExitStack
 
     from storage import open_storage

@@ -144,3 +144,15 @@ def test_generated_secret_is_kept(clean_env: Path) -> None:
     first = s.resolved_jwt_secret()
     assert len(first) >= 32
     assert load_settings(None, hub_data_dir=clean_env / "d").resolved_jwt_secret() == first
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:////tmp/hub-x/hub.db", "/tmp/hub-x/hub.db"),
+        ("sqlite:///rel/hub.db", "rel/hub.db"),
+    ],
+)
+def test_sqlite_url_paths(clean_env: Path, url: str, expected: str) -> None:
+    path = load_settings(None, database_url=url).sqlite_path
+    assert path == (clean_env / expected if not expected.startswith("/") else Path(expected))
