@@ -48,6 +48,8 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     """A socket stream that first yields bytes already read from it.
 
     Hypercorn's ``TCPServer`` reads ``.socket`` for the peer address, so it is exposed.
+    :meth:`detach` takes the socket away from hypercorn without closing it: its pending
+    receive ends as if the peer had closed, and its later sends and closes do nothing.
     """
 
     def __init__(
@@ -56,9 +58,19 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._prefix = prefix
         self._on_data = on_data
+        self._receiving: trio.CancelScope | None = None
+        self.detached = False
         self.socket = stream.socket
 
+    def detach(self) -> None:
+        self.detached = True
+        if self._receiving is not None:
+            self._receiving.cancel()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.detached:
+            await trio.lowlevel.checkpoint()
+            return b""
         if self._prefix:
             if max_bytes is None or max_bytes >= len(self._prefix):
                 data, self._prefix = self._prefix, b""
@@ -66,22 +78,42 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
                 data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
             await trio.lowlevel.checkpoint()
             return data
-        data = await self._stream.receive_some(max_bytes)
-        if data:
-            self._on_data()
-        return data
+        with trio.CancelScope() as self._receiving:
+            data = await self._stream.receive_some(max_bytes)
+            if data:
+                self._on_data()
+            return data
+        return b""  # detached while waiting: nothing was read
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.detached:
+            raise trio.ClosedResourceError("the connection was handed to the WebSocket path")
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        if self.detached:
+            await trio.lowlevel.checkpoint()
+            return
         await self._stream.send_eof()
 
     async def aclose(self) -> None:
+        if self.detached:
+            await trio.lowlevel.checkpoint()
+            return
         await self._stream.aclose()
+
+
+def rebuild_head(scope: dict[str, Any]) -> bytes:
+    """The request head of an ASGI scope, as the client sent it (header names lower-case)."""
+    target = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    lines = [b"GET " + target + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in scope["headers"]]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def is_websocket_upgrade(head: bytes) -> bool:
@@ -130,12 +162,14 @@ class HttpConnection:
     the first bytes of a request until the app has answered it.
     """
 
-    __slots__ = ("idle_since", "inflight", "stream")
+    __slots__ = ("idle_since", "inflight", "stream", "upgrade_head", "wrapped")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
         self.stream = stream
+        self.wrapped = PrefixedStream(stream, head, self.mark_data)
         self.inflight = 0
         self.idle_since: float | None = None  # None while a request may be arriving
+        self.upgrade_head: bytes | None = None  # set when a later request is an upgrade
 
     def mark_data(self) -> None:
         self.idle_since = None
@@ -172,9 +206,22 @@ class FrontDoor:
     async def app(
         self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
     ) -> None:
-        """The ASGI app as hypercorn calls it, counting requests per connection."""
-        conn = self._http.get(scope.get("client")) if scope["type"] == "http" else None
-        if conn is None:
+        """The ASGI app as hypercorn calls it, counting requests per connection.
+
+        A WebSocket upgrade that arrives on a keep-alive connection after other requests
+        (proxies such as nginx with upstream keep-alive do that) is taken back from
+        hypercorn and handed to the realtime core like a first request would be.
+        """
+        conn = self._http.get(scope.get("client"))
+        if (
+            conn is not None
+            and scope["type"] == "websocket"
+            and scope["path"].rstrip("/").encode() == WS_PATH
+        ):
+            conn.upgrade_head = rebuild_head(scope)
+            conn.wrapped.detach()
+            return
+        if conn is None or scope["type"] != "http":
             await self._app(scope, receive, send, sync_spawn, call_soon)
             return
         conn.inflight += 1
@@ -216,7 +263,8 @@ class FrontDoor:
             await handle
             return
         peer = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
-        conn = HttpConnection(stream)
+        conn = HttpConnection(stream, head)
+        del head
         if not self._http:
             self._http_idle = trio.Event()
         self._http[peer] = conn
@@ -226,7 +274,7 @@ class FrontDoor:
                 self.config,
                 self.context,
                 ConnectionState(self.state.copy()),
-                PrefixedStream(stream, head, conn.mark_data),  # type: ignore[arg-type]
+                conn.wrapped,  # type: ignore[arg-type]
             )
             await server.run()
         except OSError:
@@ -235,6 +283,10 @@ class FrontDoor:
             del self._http[peer]
             if not self._http:
                 self._http_idle.set()
+        if conn.upgrade_head is not None:
+            upgrade = self.ws_handler(stream, conn.upgrade_head)
+            del conn
+            await upgrade
 
     async def serve(
         self,
