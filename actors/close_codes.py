@@ -27,6 +27,7 @@ class CloseCode(enum.IntEnum):
     HEARTBEAT_TIMEOUT = 4008
     SLOW_CONSUMER = 4009
     TOKEN_EXPIRED = 4010
+    INSUFFICIENT_STATE = 4011
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,13 @@ CLOSE_INFO: dict[CloseCode, CloseInfo] = {
         True,
         "The access token expired without an in-band `refresh`. Refresh the token, then "
         "reconnect and resubscribe with `since`.",
+    ),
+    CloseCode.INSUFFICIENT_STATE: CloseInfo(
+        "insufficient state",
+        True,
+        "The node may have missed messages on a channel you subscribe to (Redis restarted or "
+        "was unreachable). Reconnect to any node and resubscribe with `since`; refetch any "
+        "channel that answers `recovered:false`.",
     ),
 }
 

@@ -3,7 +3,7 @@
 It indexes connections by user and by session (so a logout or an account deletion
 closes exactly those sockets), keeps one :class:`~actors.channel.ChannelActor` per
 channel with local subscribers, takes and drops the node's broker subscription per
-channel, and receives every publication from the broker
+channel, and receives every publication (and every gap: 4011) from the broker
 (:class:`~bridge.broker.BrokerEventHandler`).
 """
 
@@ -68,6 +68,7 @@ class Hub:
         self.opened = 0
         self.delivered = 0
         self.publications = 0
+        self.gaps = 0
         self.closed: Counter[int] = Counter()
 
     # -- connections -------------------------------------------------------------------
@@ -178,6 +179,18 @@ class Hub:
         except Exception:  # a bug in fan-out must not fail the publisher
             log.exception("fan-out to channel %s failed", channel)
 
+    def handle_gap(self, channel: str) -> None:
+        """:class:`~bridge.broker.BrokerEventHandler`: this node may have missed
+        publications on ``channel`` that its history no longer holds. Close (4011) every
+        local subscriber of it, live or recovering, so each reconnects and learns
+        ``recovered:false`` instead of living with a silent gap."""
+        actor = self.channels.get(channel)
+        if actor is None:
+            return
+        self.gaps += 1
+        for conn in [*actor.subscribers, *actor.recovering]:
+            conn.close_soon(CloseCode.INSUFFICIENT_STATE)
+
     async def run_janitor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -225,6 +238,7 @@ class Hub:
             "channels": len(self.channels),
             "publications": self.publications,
             "delivered": self.delivered,
+            "gaps": self.gaps,
             "closed": dict(self.closed),
             "closing": dict(closing),
         }

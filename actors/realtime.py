@@ -5,10 +5,17 @@ the hub as its event handler, starts the supervised janitor and listens for toke
 revocations. The front door hands every ``GET /ws/notifications`` upgrade to
 :meth:`Realtime.handle_websocket`; REST (and later RabbitMQ) publish through
 :meth:`Realtime.publish`.
+
+Revocations (logout, account deletion) made on this node are announced to the other
+nodes on the broker's control channel (:meth:`Realtime.announce_revocation`); each node
+applies the others' announcements to its revocation list, which closes the sockets at
+once. The storage poll of the revocation list stays the safety net (announcements are
+at most once).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import socket
@@ -34,10 +41,11 @@ from actors.connection import Authenticator, ConnectionActor, ConnectionLimits
 from actors.hub import Hub
 from api.auth.tokens import TokenError
 from api.envelope import utc_now_iso
-from bridge.broker import open_broker
+from bridge.broker import BrokerUnavailable, open_broker
 from hub.supervisor import supervise
 
 if TYPE_CHECKING:
+    from api.auth.revocations import RevocationKind, Revocations
     from api.auth.tokens import AccessClaims
     from bridge.broker import Broker
     from hub.node import Node
@@ -54,6 +62,8 @@ DRAIN_TIMEOUT_S = 5.0
 ABORT_TIMEOUT_S = 1.0
 #: Random bytes in a connection id (hex-encoded).
 CONNECTION_ID_BYTES = 8
+#: ``type`` of the control message announcing a revocation to the other nodes.
+REVOKE_CONTROL_TYPE = "revoke"
 
 
 class PublishError(ValueError):
@@ -261,6 +271,8 @@ class Realtime:
 
         Raises:
             PublishError: a bad channel or data that cannot be encoded as JSON.
+            BrokerUnavailable: the broker (Redis) is unreachable; the message may have
+                been published on some channels: retry with the same ``id``.
             Exception: whatever :attr:`event_hook` raised (after delivery; a retry with
                 the same ``id`` is not delivered twice).
         """
@@ -282,12 +294,66 @@ class Realtime:
             body = protocol.message_body(body_data, event)
         except (TypeError, ValueError) as exc:
             raise PublishError(f"data is not valid JSON: {exc}", field="data") from None
-        offsets = {}
-        for name in names:
-            offsets[name] = await self._broker.publish(name, body, message_id=id)
+        offsets = await self._publish_all(names, body, id)
         if event is not None and self.event_hook is not None:
             await self.event_hook(event, message_id, body_data)
         return PublishResult(message_id, offsets)
+
+    async def _publish_all(
+        self, names: list[str], body: bytes, message_id: str | None
+    ) -> dict[str, str]:
+        """Publish ``body`` on every channel of ``names`` concurrently (the Redis client
+        pipelines the calls into one write) and return the offsets in ``names`` order.
+
+        Each channel gets exactly one publish, so per-channel order is the callers' order.
+        Every channel is attempted even when another fails; then the first failure is
+        raised (a retry with the same ``message_id`` publishes only what was missed).
+        """
+        broker = self._broker
+        if len(names) == 1:
+            return {names[0]: await broker.publish(names[0], body, message_id=message_id)}
+        offsets: dict[str, str] = {}
+        errors: list[Exception] = []
+
+        async def publish_one(name: str) -> None:
+            try:
+                offsets[name] = await broker.publish(name, body, message_id=message_id)
+            except Exception as error:  # raised below, once every channel was tried
+                errors.append(error)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(publish_one, name)
+        if errors:
+            raise errors[0]
+        return {name: offsets[name] for name in names}
+
+    # -- revocations across nodes ------------------------------------------------------
+    async def announce_revocation(self, kind: RevocationKind, ident: str, ts: float) -> None:
+        """Tell the other nodes that session or user ``ident`` was revoked here, so they
+        refuse its tokens and close its sockets now rather than at their next storage
+        poll. Call it after revoking locally (``revoke_session(ident, ts)`` or
+        ``revoke_user(ident, ts)``, the same ``ts``).
+
+        Best effort: when the broker is unreachable it logs and returns (the storage
+        poll of every node picks the revocation up within a few seconds).
+        """
+        message = {
+            "type": REVOKE_CONTROL_TYPE,
+            "kind": kind,
+            "id": ident,
+            "ts": ts,
+            "node": self._settings.hub_node_id,
+        }
+        try:
+            await self._broker.publish_control(json.dumps(message).encode())
+        except BrokerUnavailable as error:
+            log.warning(
+                "could not announce a %s revocation to the other nodes (%s); "
+                "they pick it up from storage",
+                kind,
+                error,
+            )
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``/metrics`` and tests."""
@@ -338,24 +404,70 @@ def _norm_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
+def _revocation_applier(node_id: str, revocations: Revocations) -> Callable[[bytes], None]:
+    """The control callback that applies revocations announced by other nodes
+    (:meth:`Realtime.announce_revocation`) to this node's revocation list.
+
+    Messages from this node are skipped (already applied), and the revocation list's own
+    listeners never announce, so nodes cannot echo each other's announcements.
+    """
+
+    def on_control(payload: bytes) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.warning("malformed control message ignored")
+            return
+        if not isinstance(message, dict) or message.get("type") != REVOKE_CONTROL_TYPE:
+            return  # another kind of node-wide event
+        if message.get("node") == node_id:
+            return
+        kind, ident, ts = message.get("kind"), message.get("id"), message.get("ts")
+        if (
+            not isinstance(ident, str)
+            or not ident
+            or not isinstance(ts, int | float)
+            or isinstance(ts, bool)
+        ):
+            log.warning("malformed revocation announcement ignored")
+            return
+        if kind == "session":
+            revocations.revoke_session(ident, float(ts))
+        elif kind == "user":
+            revocations.revoke_user(ident, float(ts))
+        else:
+            log.warning("revocation announcement of unknown kind %r ignored", kind)
+
+    return on_control
+
+
 @asynccontextmanager
 async def open_realtime(node: Node) -> AsyncIterator[Realtime]:
     """Start the node's realtime core and yield it.
 
+    With ``REDIS_URL`` the broker is the Redis one (keys under ``node.redis_prefix``),
+    and it becomes the node's ``redis`` readiness check (it replaces the account
+    services' weaker one: both connections up and Redis answering).
+
     Resource handling:
         Owns the broker, the hub's janitor (supervised: restarted with backoff when it
-        crashes) and the revocation subscription. Connections are owned by the front
-        door's tasks; leaving the block aborts any still open.
+        crashes) and the revocation subscriptions (local listener and the broker's
+        control channel). Connections are owned by the front door's tasks; leaving the
+        block aborts any still open.
     """
     hub = Hub()
-    async with open_broker(node.settings, hub) as broker:
+    async with open_broker(node.settings, hub, redis_prefix=node.redis_prefix) as broker:
         hub.broker = broker
+        if node.settings.redis_url:
+            node.ready_checks["redis"] = broker.ping
         realtime = Realtime(node.settings, hub, broker, node.services.authenticate)
         revocations = node.services.revocations
 
         def on_revocation(kind: str, ident: str) -> None:
+            # Never announce from here: nodes would echo each other's announcements.
             hub.close_revoked(kind, ident, revocations.is_revoked)
 
+        broker.subscribe_control(_revocation_applier(node.settings.hub_node_id, revocations))
         unsubscribe: Callable[[], None] = revocations.subscribe(on_revocation)
         try:
             async with trio.open_nursery() as nursery:

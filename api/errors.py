@@ -76,5 +76,7 @@ def conflict(message: str, *, field: str | None = None) -> ApiError:
     return ApiError(409, message, field=field)
 
 
-def service_unavailable(message: str = "Service temporarily unavailable") -> ApiError:
-    return ApiError(503, message, headers={"Retry-After": "5"})
+def service_unavailable(
+    message: str = "Service temporarily unavailable", *, retry_after_s: int = 5
+) -> ApiError:
+    return ApiError(503, message, headers={"Retry-After": str(retry_after_s)})

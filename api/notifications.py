@@ -2,7 +2,8 @@
 
 The route is a thin shell over :meth:`actors.realtime.Realtime.publish`, the same path a
 RabbitMQ message takes: validate, publish, answer 202 with the message id and its offset
-on each channel.
+on each channel. When the broker (Redis, in a cluster) is unreachable: 503 with
+``Retry-After: 1``; the publisher retries with the same ``id``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from actors.protocol import MAX_CHANNEL_LENGTH, is_known_channel
 from actors.realtime import PublishError
 from api.auth.deps import require_claims
 from api.envelope import success
-from api.errors import validation_error
+from api.errors import service_unavailable, validation_error
 from api.v1 import rate_group
 from api.validation import ApiModel, endpoint
+from bridge.broker import BrokerUnavailable
 
 if TYPE_CHECKING:
     from quart import Response
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
 #: Most channels one publish may name.
 MAX_PUBLISH_CHANNELS = 100
+#: ``Retry-After`` (s) of the 503 answered while the broker is unreachable.
+BROKER_RETRY_AFTER_S = 1
 #: Longest ``event`` name and message ``id``.
 MAX_EVENT_LENGTH = 128
 MAX_ID_LENGTH = 128
@@ -93,9 +97,11 @@ def create_notifications_blueprint() -> Blueprint:
         response=PublishOut,
         status=202,
         auth="admin",
+        errors=(503,),
         summary="Publish a notification to channels",
         description="Delivered to every WebSocket subscriber of each channel and kept in "
-        "each channel's history (for `since`).",
+        "each channel's history (for `since`). 503 while the broker (Redis) is unreachable: "
+        "retry with the same `id`.",
         tags=("notifications",),
     )
     async def publish(*, body: PublishIn) -> Response:
@@ -106,6 +112,11 @@ def create_notifications_blueprint() -> Blueprint:
             result = await realtime.publish(channels, body.data, event=body.event, id=body.id)
         except PublishError as error:
             raise validation_error(error.message, field=error.field) from None
+        except BrokerUnavailable:
+            raise service_unavailable(
+                "The message broker is unavailable, retry shortly with the same id",
+                retry_after_s=BROKER_RETRY_AFTER_S,
+            ) from None
         return success({"id": result.id, "offsets": result.offsets}, status=202)
 
     return bp

@@ -21,7 +21,7 @@ position in the current one.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +33,15 @@ log = logging.getLogger("hub.broker")
 
 #: Seconds within which a repeated message id (per channel) is published only once.
 DEDUPE_WINDOW_S = 600.0
+
+#: Receives each node-wide control message (see :meth:`Broker.subscribe_control`).
+ControlCallback = Callable[[bytes], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker's backend cannot be reached; the publish did not happen (or, when the
+    connection broke after it was sent, its outcome is unknown: retry with the same
+    ``message_id``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,15 @@ class BrokerEventHandler(Protocol):
 
         Must not block or await: brokers call it from their reader, one publication at
         a time, in order.
+        """
+
+    def handle_gap(self, channel: str) -> None:
+        """Publications on ``channel`` may have been lost for this node (they are no
+        longer in the history: Redis restarted empty, trimmed or expired while this node
+        was cut off). The handler closes the channel's local subscribers so that they
+        reconnect and recover with ``since`` (and learn ``recovered:false``).
+
+        Must not block or await (called from the broker's reader).
         """
 
 
@@ -117,6 +135,29 @@ class Broker(Protocol):
         """Counters for ``/metrics`` and tests."""
         ...
 
+    async def ping(self) -> None:
+        """Readiness check: return when the backend is reachable.
+
+        Raises:
+            BrokerUnavailable: it is not.
+        """
+        ...
+
+    def subscribe_control(self, callback: ControlCallback) -> None:
+        """Call ``callback(payload)`` for every node-wide control message, from every
+        node including this one. At most once (a node cut off from the backend misses
+        what is sent meanwhile): keep the truth elsewhere and treat these as fast hints.
+        ``callback`` runs in the broker's reader and must not block."""
+        ...
+
+    async def publish_control(self, payload: bytes) -> None:
+        """Send ``payload`` to the control callbacks of every node.
+
+        Raises:
+            BrokerUnavailable: the backend is unreachable; nothing was sent.
+        """
+        ...
+
 
 def format_offset(epoch: str, seq: int) -> str:
     """``"<epoch>:<seq>"``; ``epoch`` must not contain ``:``."""
@@ -132,18 +173,31 @@ def parse_offset(offset: str) -> tuple[str, int] | None:
 
 
 @asynccontextmanager
-async def open_broker(settings: Settings, handler: BrokerEventHandler) -> AsyncIterator[Broker]:
-    """Open the broker the settings ask for, delivering publications to ``handler``.
+async def open_broker(
+    settings: Settings, handler: BrokerEventHandler, *, redis_prefix: str = ""
+) -> AsyncIterator[Broker]:
+    """Open the broker the settings ask for, delivering publications to ``handler``:
+    the Redis broker (shared by every node) when ``REDIS_URL`` is set, else the
+    in-process one.
+
+    Args:
+        redis_prefix: prepended to the Redis broker's key prefix (``hub:``); tests
+            isolate themselves on a shared Redis with it.
 
     Resource handling:
-        The broker's background tasks live until the ``async with`` block is left.
+        The broker's background tasks (and connections) live until the ``async with``
+        block is left.
     """
+    if settings.redis_url:
+        from bridge.broker_redis import KEY_PREFIX, open_redis_broker
+
+        async with open_redis_broker(
+            settings, handler, key_prefix=redis_prefix + KEY_PREFIX
+        ) as redis_broker:
+            yield redis_broker
+        return
     from bridge.broker_memory import open_memory_broker
 
-    if settings.redis_url:
-        log.warning(
-            "REDIS_URL is set but this build has no Redis broker; publications stay on this node"
-        )
     async with open_memory_broker(
         handler, history_size=settings.history_size, history_ttl_s=settings.history_ttl
     ) as broker:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import NamedTuple
@@ -25,6 +25,7 @@ from bridge.broker import (
     DEDUPE_WINDOW_S,
     Broker,
     BrokerEventHandler,
+    ControlCallback,
     HistoryResult,
     Publication,
     format_offset,
@@ -97,7 +98,10 @@ class MemoryBroker:
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
-        self._dedupe: dict[tuple[str, str], tuple[str, float]] = {}
+        # Insertion order is expiry order; OrderedDict pops its oldest entry in O(1)
+        # (deleting a plain dict's first key repeatedly degrades to a scan).
+        self._dedupe: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._control_callbacks: list[ControlCallback] = []
         self._published = 0
         self._duplicates = 0
 
@@ -180,6 +184,25 @@ class MemoryBroker:
             "dedupe_entries": len(self._dedupe),
         }
 
+    async def ping(self) -> None:
+        """Always ready (nothing to reach)."""
+        await trio.lowlevel.checkpoint()
+
+    def subscribe_control(self, callback: ControlCallback) -> None:
+        """Call ``callback(payload)`` for each :meth:`publish_control` (this node is
+        the only one)."""
+        self._control_callbacks.append(callback)
+
+    async def publish_control(self, payload: bytes) -> None:
+        """Hand ``payload`` to every control callback, synchronously."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        for callback in list(self._control_callbacks):
+            try:
+                callback(payload)
+            except Exception:  # one bad listener must not fail the publisher
+                log.exception("control callback failed")
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     def prune(self) -> None:
         """Drop expired history, idle streams and expired dedupe entries. A stream of a
         channel the node is subscribed to is kept (its subscribers hold its epoch)."""
@@ -192,10 +215,9 @@ class MemoryBroker:
                 and channel not in self._subscribed
             ):
                 del self._streams[channel]
-        for key, (_offset, until) in list(self._dedupe.items()):
-            if until > now:
-                break  # insertion order is expiry order
-            del self._dedupe[key]
+        dedupe = self._dedupe
+        while dedupe and next(iter(dedupe.values()))[1] <= now:
+            dedupe.popitem(last=False)
 
     async def run_pruner(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -220,10 +242,10 @@ class MemoryBroker:
 
     def _remember(self, channel: str, message_id: str, offset: str, now: float) -> None:
         key = (channel, message_id)
-        self._dedupe.pop(key, None)  # re-insert at the end: dict order stays expiry order
         self._dedupe[key] = (offset, now + DEDUPE_WINDOW_S)
+        self._dedupe.move_to_end(key)  # a refreshed id moves to the end: order stays expiry
         if len(self._dedupe) > DEDUPE_MAX_ENTRIES:
-            del self._dedupe[next(iter(self._dedupe))]
+            self._dedupe.popitem(last=False)
 
 
 _check: type[Broker] = MemoryBroker
