@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 
 from storage.base import (
     SORT_FIELDS,
+    WILDCARD_EVENT,
+    ClaimedDelivery,
     Conflict,
+    DeliveryStatus,
     RefreshSession,
     Role,
     RotateOutcome,
@@ -21,6 +24,8 @@ from storage.base import (
     StorageUnavailable,
     User,
     UserQuery,
+    Webhook,
+    WebhookDelivery,
 )
 
 if TYPE_CHECKING:
@@ -29,7 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SORT_FIELDS",
+    "WILDCARD_EVENT",
+    "ClaimedDelivery",
     "Conflict",
+    "DeliveryStatus",
     "RefreshSession",
     "Role",
     "RotateOutcome",
@@ -38,6 +46,8 @@ __all__ = [
     "StorageUnavailable",
     "User",
     "UserQuery",
+    "Webhook",
+    "WebhookDelivery",
     "open_storage",
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from storage.base import SORT_FIELDS, UserQuery
+from storage.base import SORT_FIELDS, DeliveryStatus, UserQuery
 
 #: ``revoked_reason`` of a family revoked because an old token of it was presented.
 REASON_REUSE = "reuse"
@@ -71,3 +71,37 @@ def check_query(query: UserQuery) -> None:
         raise ValueError(f"sort must be one of {', '.join(SORT_FIELDS)}")
     if query.order not in ORDERS:
         raise ValueError("order must be asc or desc")
+
+
+def check_page(page: int, limit: int) -> None:
+    """Validate a 1-based page and its size.
+
+    Raises:
+        ValueError: ``page`` or ``limit`` below 1.
+    """
+    if page < 1:
+        raise ValueError("page must be >= 1")
+    if limit < 1:
+        raise ValueError("limit must be >= 1")
+
+
+def check_events(events: Iterable[str]) -> list[str]:
+    """The event names of a webhook as a list, refusing an empty one.
+
+    Raises:
+        ValueError: no event.
+    """
+    names = list(events)
+    if not names:
+        raise ValueError("a webhook needs at least one event")
+    return names
+
+
+def check_outcome(status: DeliveryStatus, next_attempt_at: datetime | None) -> None:
+    """A pending delivery needs its next attempt time; a finished one must have none.
+
+    Raises:
+        ValueError: the two do not fit.
+    """
+    if (status is DeliveryStatus.PENDING) != (next_attempt_at is not None):
+        raise ValueError("next_attempt_at is required for pending, and only for pending")

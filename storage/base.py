@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -100,6 +101,61 @@ class UserQuery:
     is_active: bool | None = None
     created_after: datetime | None = None
     search: str | None = None
+
+
+#: In a webhook's ``events``: subscribe to every event.
+WILDCARD_EVENT = "*"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its next attempt (or being sent under a lease)
+    SUCCEEDED = "succeeded"  # a 2xx answer
+    FAILED = "failed"  # every attempt failed (or it can never be sent)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A webhook endpoint. ``secret_ciphertext`` is the signing secret sealed by
+    :class:`bridge.secretbox.SecretBox` (associated data: ``id.bytes``)."""
+
+    id: uuid.UUID
+    url: str
+    events: tuple[str, ...]
+    description: str | None
+    secret_ciphertext: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One event for one endpoint, with the outcome of its attempts so far.
+
+    ``payload`` is the exact request body (signed and sent unchanged on every attempt).
+    ``next_attempt_at`` is when the next attempt is due; while a dispatcher holds the
+    delivery it is the end of that dispatcher's lease; ``None`` once finished.
+    """
+
+    id: uuid.UUID
+    webhook_id: uuid.UUID
+    event: str
+    event_id: str
+    payload: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """A delivery a dispatcher now holds, with the endpoint it goes to."""
+
+    delivery: WebhookDelivery
+    webhook: Webhook
 
 
 @runtime_checkable
@@ -191,3 +247,95 @@ class Storage(Protocol):
     async def consume_verification(self, token_hash: str) -> uuid.UUID | None:
         """Mark the user verified and the token used, in one transaction; return the
         user id, or ``None`` when the token is unknown, used or expired."""
+
+    # webhooks
+    async def create_webhook(
+        self,
+        *,
+        webhook_id: uuid.UUID,
+        url: str,
+        events: Sequence[str],
+        description: str | None,
+        secret_ciphertext: str,
+    ) -> Webhook:
+        """Store a new endpoint. The caller picks the id (it seals the secret with it).
+
+        Raises:
+            Conflict: ``webhook_id`` exists.
+            ValueError: ``events`` is empty, or a value is too long or contains NUL.
+        """
+
+    async def get_webhook(self, webhook_id: uuid.UUID) -> Webhook | None: ...
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """Every endpoint, oldest first."""
+
+    async def delete_webhook(self, webhook_id: uuid.UUID) -> bool:
+        """Hard delete: the endpoint and all its deliveries. False if there was none."""
+
+    async def enqueue_webhook_deliveries(self, *, event: str, event_id: str, payload: str) -> int:
+        """Queue ``payload`` for every endpoint subscribed to ``event`` (or to
+        :data:`WILDCARD_EVENT`), due now, in one transaction.
+
+        An endpoint that already has a delivery with this ``event_id`` gets no second one
+        (a redelivered message is queued once). Returns how many deliveries were queued.
+        """
+
+    async def claim_webhook_deliveries(
+        self,
+        *,
+        limit: int,
+        per_webhook: int,
+        lease_s: float,
+        exclude: Collection[uuid.UUID] = (),
+    ) -> list[ClaimedDelivery]:
+        """Take up to ``limit`` due pending deliveries, at most ``per_webhook`` of any one
+        endpoint and none of the endpoints in ``exclude``, oldest due first.
+
+        Each claimed delivery's ``next_attempt_at`` moves to now + ``lease_s``, so no
+        other dispatcher takes it meanwhile; a dispatcher that dies holding it only
+        delays it until the lease ends. PostgreSQL claims with ``FOR UPDATE SKIP
+        LOCKED``: concurrent claimers on several nodes never get the same delivery.
+        """
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: uuid.UUID,
+        *,
+        status: DeliveryStatus,
+        status_code: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """Count one attempt of a pending delivery and set its outcome.
+
+        ``status`` PENDING needs ``next_attempt_at`` (the retry); SUCCEEDED and FAILED
+        need ``None``. False when the delivery is gone or no longer pending.
+
+        Raises:
+            ValueError: ``next_attempt_at`` does not fit ``status``.
+        """
+
+    async def release_webhook_deliveries(self, delivery_ids: Collection[uuid.UUID]) -> int:
+        """End the lease of pending deliveries this dispatcher will not send (it is
+        stopping): they are due again at once. Returns how many were released."""
+
+    async def next_webhook_due_at(self, *, exclude: Collection[uuid.UUID] = ()) -> datetime | None:
+        """When the earliest pending delivery (of endpoints not in ``exclude``) is due."""
+
+    async def list_webhook_deliveries(
+        self,
+        webhook_id: uuid.UUID,
+        *,
+        page: int = 1,
+        limit: int = 20,
+        status: DeliveryStatus | None = None,
+    ) -> tuple[list[WebhookDelivery], int]:
+        """One page (1-based) of an endpoint's deliveries, newest first, and the total.
+
+        Raises:
+            ValueError: ``page`` or ``limit`` below 1.
+        """
+
+    async def prune_webhook_deliveries(self, *, finished_before: datetime) -> int:
+        """Delete succeeded and failed deliveries last updated before ``finished_before``."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Callable, Coroutine
-from datetime import datetime
+from collections.abc import Callable, Collection, Coroutine, Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
@@ -31,12 +31,18 @@ from storage._shared import (
     REASON_REUSE,
     REASON_USER_DELETED,
     as_utc,
+    check_events,
+    check_outcome,
+    check_page,
     check_query,
     like_pattern,
     utcnow,
 )
 from storage.base import (
+    WILDCARD_EVENT,
+    ClaimedDelivery,
     Conflict,
+    DeliveryStatus,
     RefreshSession,
     Role,
     RotateOutcome,
@@ -44,6 +50,8 @@ from storage.base import (
     StorageUnavailable,
     User,
     UserQuery,
+    Webhook,
+    WebhookDelivery,
 )
 from storage.migrations import load_migrations
 
@@ -85,6 +93,11 @@ _USER_COLUMNS = (
 _SESSION_COLUMNS = (
     "id, user_id, token_hash, created_at, expires_at, rotated_at, revoked_at, "
     "revoked_reason, ip_address, user_agent"
+)
+_WEBHOOK_COLUMNS = "id, url, events, description, secret_ciphertext, created_at, updated_at"
+_DELIVERY_COLUMNS = (
+    "id, webhook_id, event, event_id, payload, status, attempts, next_attempt_at, "
+    "last_status_code, last_error, created_at, updated_at"
 )
 
 # Connection-level failures: the server is down, restarting, refusing or unreachable.
@@ -139,6 +152,35 @@ def _session(row: asyncpg.Record) -> RefreshSession:
         revoked_reason=row["revoked_reason"],
         ip_address=row["ip_address"],
         user_agent=row["user_agent"],
+    )
+
+
+def _webhook(row: asyncpg.Record, prefix: str = "") -> Webhook:
+    return Webhook(
+        id=row[prefix + "id"],
+        url=row[prefix + "url"],
+        events=tuple(row[prefix + "events"]),
+        description=row[prefix + "description"],
+        secret_ciphertext=row[prefix + "secret_ciphertext"],
+        created_at=row[prefix + "created_at"],
+        updated_at=row[prefix + "updated_at"],
+    )
+
+
+def _delivery(row: asyncpg.Record) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=row["id"],
+        webhook_id=row["webhook_id"],
+        event=row["event"],
+        event_id=row["event_id"],
+        payload=row["payload"],
+        status=DeliveryStatus(row["status"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_status_code=row["last_status_code"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
     )
 
 
@@ -646,5 +688,245 @@ class PostgresStorage:
                     now,
                 )
                 return user_id if found else None
+
+        return await self._call(work)
+
+    # ------------------------------------------------------------------- webhooks
+
+    async def create_webhook(
+        self,
+        *,
+        webhook_id: uuid.UUID,
+        url: str,
+        events: Sequence[str],
+        description: str | None,
+        secret_ciphertext: str,
+    ) -> Webhook:
+        names = check_events(events)
+        pool = self._pool
+        now = utcnow()
+
+        async def work() -> Webhook:
+            row = await pool.fetchrow(
+                "INSERT INTO webhooks (id, url, events, description, secret_ciphertext, "
+                "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) "
+                f"RETURNING {_WEBHOOK_COLUMNS}",
+                webhook_id,
+                url,
+                names,
+                description,
+                secret_ciphertext,
+                now,
+            )
+            return _webhook(row)
+
+        return await self._call(work)
+
+    async def get_webhook(self, webhook_id: uuid.UUID) -> Webhook | None:
+        pool = self._pool
+
+        async def work() -> Webhook | None:
+            row = await pool.fetchrow(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1", webhook_id
+            )
+            return None if row is None else _webhook(row)
+
+        return await self._call(work)
+
+    async def list_webhooks(self) -> list[Webhook]:
+        pool = self._pool
+
+        async def work() -> list[Webhook]:
+            rows = await pool.fetch(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
+            )
+            return [_webhook(r) for r in rows]
+
+        return await self._call(work)
+
+    async def delete_webhook(self, webhook_id: uuid.UUID) -> bool:
+        pool = self._pool
+
+        async def work() -> bool:
+            found = await pool.fetchval(
+                "DELETE FROM webhooks WHERE id = $1 RETURNING true", webhook_id
+            )
+            return bool(found)
+
+        return await self._call(work)
+
+    async def enqueue_webhook_deliveries(self, *, event: str, event_id: str, payload: str) -> int:
+        pool = self._pool
+        now = utcnow()
+
+        async def work() -> int:
+            status: str = await pool.execute(
+                "INSERT INTO webhook_deliveries (id, webhook_id, event, event_id, payload, "
+                "status, attempts, next_attempt_at, created_at, updated_at) "
+                "SELECT gen_random_uuid(), w.id, $1, $2, $3, 'pending', 0, $4, $4, $4 "
+                "FROM webhooks w WHERE w.events && $5::text[] "
+                "ON CONFLICT (webhook_id, event_id) DO NOTHING",
+                event,
+                event_id,
+                payload,
+                now,
+                [event, WILDCARD_EVENT],
+            )
+            return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <count>"
+
+        return await self._call(work)
+
+    async def claim_webhook_deliveries(
+        self,
+        *,
+        limit: int,
+        per_webhook: int,
+        lease_s: float,
+        exclude: Collection[uuid.UUID] = (),
+    ) -> list[ClaimedDelivery]:
+        if limit < 1 or per_webhook < 1:
+            return []
+        pool = self._pool
+        now = utcnow()
+        lease_end = now + timedelta(seconds=lease_s)
+        excluded = list(exclude)
+        # Candidates are locked with SKIP LOCKED (rows another node is claiming right now
+        # are passed over), then capped per endpoint and leased, all in one statement.
+        scan = limit * per_webhook
+        columns = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+        webhook_columns = ", ".join(
+            f"w.{c.strip()} AS w_{c.strip()}" for c in _WEBHOOK_COLUMNS.split(",")
+        )
+        sql = (
+            "WITH candidates AS ("
+            "  SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries"
+            "  WHERE status = 'pending' AND next_attempt_at <= $1"
+            "  AND NOT (webhook_id = ANY($2::uuid[]))"
+            "  ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
+            "), picked AS ("
+            "  SELECT id FROM (SELECT id, next_attempt_at, row_number() OVER ("
+            "    PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn FROM candidates) r"
+            "  WHERE rn <= $4 ORDER BY next_attempt_at, id LIMIT $5"
+            "), leased AS ("
+            "  UPDATE webhook_deliveries d SET next_attempt_at = $6, updated_at = $1"
+            "  FROM picked WHERE d.id = picked.id RETURNING d.*"
+            f") SELECT {columns}, {webhook_columns} FROM leased d"
+            " JOIN webhooks w ON w.id = d.webhook_id ORDER BY d.created_at, d.id"
+        )
+
+        async def work() -> list[ClaimedDelivery]:
+            rows = await pool.fetch(sql, now, excluded, scan, per_webhook, limit, lease_end)
+            return [ClaimedDelivery(_delivery(r), _webhook(r, "w_")) for r in rows]
+
+        return await self._call(work)
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: uuid.UUID,
+        *,
+        status: DeliveryStatus,
+        status_code: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        check_outcome(status, next_attempt_at)
+        pool = self._pool
+        args = (
+            delivery_id,
+            DeliveryStatus(status).value,
+            None if next_attempt_at is None else as_utc(next_attempt_at),
+            status_code,
+            error,
+            utcnow(),
+        )
+
+        async def work() -> bool:
+            found = await pool.fetchval(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, status = $2, "
+                "next_attempt_at = $3, last_status_code = $4, last_error = $5, updated_at = $6 "
+                "WHERE id = $1 AND status = 'pending' RETURNING true",
+                *args,
+            )
+            return bool(found)
+
+        return await self._call(work)
+
+    async def release_webhook_deliveries(self, delivery_ids: Collection[uuid.UUID]) -> int:
+        if not delivery_ids:
+            return 0
+        pool = self._pool
+        ids = list(delivery_ids)
+        now = utcnow()
+
+        async def work() -> int:
+            status: str = await pool.execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = $2, updated_at = $2 "
+                "WHERE id = ANY($1::uuid[]) AND status = 'pending'",
+                ids,
+                now,
+            )
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._call(work)
+
+    async def next_webhook_due_at(self, *, exclude: Collection[uuid.UUID] = ()) -> datetime | None:
+        pool = self._pool
+        excluded = list(exclude)
+
+        async def work() -> datetime | None:
+            due: datetime | None = await pool.fetchval(
+                "SELECT min(next_attempt_at) FROM webhook_deliveries "
+                "WHERE status = 'pending' AND NOT (webhook_id = ANY($1::uuid[]))",
+                excluded,
+            )
+            return due
+
+        return await self._call(work)
+
+    async def list_webhook_deliveries(
+        self,
+        webhook_id: uuid.UUID,
+        *,
+        page: int = 1,
+        limit: int = 20,
+        status: DeliveryStatus | None = None,
+    ) -> tuple[list[WebhookDelivery], int]:
+        check_page(page, limit)
+        pool = self._pool
+        status_value = None if status is None else DeliveryStatus(status).value
+        where = "webhook_id = $1 AND ($2::text IS NULL OR status = $2)"
+
+        async def work() -> tuple[list[WebhookDelivery], int]:
+            async with (
+                pool.acquire() as con,
+                con.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                total = await con.fetchval(
+                    f"SELECT count(*) FROM webhook_deliveries WHERE {where}",
+                    webhook_id,
+                    status_value,
+                )
+                rows = await con.fetch(
+                    f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {where} "
+                    "ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
+                    webhook_id,
+                    status_value,
+                    limit,
+                    (page - 1) * limit,
+                )
+            return [_delivery(r) for r in rows], int(total)
+
+        return await self._call(work)
+
+    async def prune_webhook_deliveries(self, *, finished_before: datetime) -> int:
+        pool = self._pool
+        before = as_utc(finished_before)
+
+        async def work() -> int:
+            status: str = await pool.execute(
+                "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND updated_at < $1",
+                before,
+            )
+            return int(status.rsplit(" ", 1)[-1])
 
         return await self._call(work)

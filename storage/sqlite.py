@@ -13,10 +13,11 @@ microseconds (text order is time order), booleans as 0/1.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,13 +28,19 @@ from storage._shared import (
     REASON_REUSE,
     REASON_USER_DELETED,
     as_utc,
+    check_events,
+    check_outcome,
+    check_page,
     check_query,
     like_pattern,
     reject_nul,
     utcnow,
 )
 from storage.base import (
+    WILDCARD_EVENT,
+    ClaimedDelivery,
     Conflict,
+    DeliveryStatus,
     RefreshSession,
     Role,
     RotateOutcome,
@@ -41,6 +48,8 @@ from storage.base import (
     StorageUnavailable,
     User,
     UserQuery,
+    Webhook,
+    WebhookDelivery,
 )
 from storage.migrations import load_migrations
 
@@ -80,6 +89,11 @@ _USER_COLUMNS = (
 _SESSION_COLUMNS = (
     "id, user_id, token_hash, created_at, expires_at, rotated_at, revoked_at, "
     "revoked_reason, ip_address, user_agent"
+)
+_WEBHOOK_COLUMNS = "id, url, events, description, secret_ciphertext, created_at, updated_at"
+_DELIVERY_COLUMNS = (
+    "id, webhook_id, event, event_id, payload, status, attempts, next_attempt_at, "
+    "last_status_code, last_error, created_at, updated_at"
 )
 
 
@@ -130,6 +144,43 @@ def _session(row: sqlite3.Row) -> RefreshSession:
         ip_address=row["ip_address"],
         user_agent=row["user_agent"],
     )
+
+
+def _webhook(row: sqlite3.Row, prefix: str = "") -> Webhook:
+    return Webhook(
+        id=uuid.UUID(row[prefix + "id"]),
+        url=row[prefix + "url"],
+        events=tuple(json.loads(row[prefix + "events"])),
+        description=row[prefix + "description"],
+        secret_ciphertext=row[prefix + "secret_ciphertext"],
+        created_at=_dt_required(row[prefix + "created_at"]),
+        updated_at=_dt_required(row[prefix + "updated_at"]),
+    )
+
+
+def _delivery(row: sqlite3.Row) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=uuid.UUID(row["id"]),
+        webhook_id=uuid.UUID(row["webhook_id"]),
+        event=row["event"],
+        event_id=row["event_id"],
+        payload=row["payload"],
+        status=DeliveryStatus(row["status"]),
+        attempts=int(row["attempts"]),
+        next_attempt_at=_dt(row["next_attempt_at"]),
+        last_status_code=row["last_status_code"],
+        last_error=row["last_error"],
+        created_at=_dt_required(row["created_at"]),
+        updated_at=_dt_required(row["updated_at"]),
+    )
+
+
+def _not_in(column: str, ids: Collection[uuid.UUID]) -> tuple[str, list[str]]:
+    """``AND column NOT IN (?, …)`` and its parameters; empty when ``ids`` is."""
+    if not ids:
+        return "", []
+    marks = ", ".join("?" for _ in ids)
+    return f" AND {column} NOT IN ({marks})", [str(i) for i in ids]
 
 
 def _translate(exc: sqlite3.Error) -> Exception:
@@ -596,3 +647,239 @@ class SQLiteStorage:
                 return uuid.UUID(user_id) if cur.rowcount == 1 else None
 
         return await self._run(work, token_hash)
+
+    # ------------------------------------------------------------------- webhooks
+
+    async def create_webhook(
+        self,
+        *,
+        webhook_id: uuid.UUID,
+        url: str,
+        events: Sequence[str],
+        description: str | None,
+        secret_ciphertext: str,
+    ) -> Webhook:
+        names = check_events(events)
+        now = _ts(utcnow())
+        params = (
+            str(webhook_id),
+            url,
+            json.dumps(names),
+            description,
+            secret_ciphertext,
+            now,
+            now,
+        )
+
+        def work(conn: sqlite3.Connection) -> Webhook:
+            rows = conn.execute(
+                "INSERT INTO webhooks (id, url, events, description, secret_ciphertext, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"RETURNING {_WEBHOOK_COLUMNS}",
+                params,
+            ).fetchall()
+            return _webhook(rows[0])
+
+        return await self._run(work, url, description, secret_ciphertext, *names)
+
+    async def get_webhook(self, webhook_id: uuid.UUID) -> Webhook | None:
+        def work(conn: sqlite3.Connection) -> Webhook | None:
+            row = conn.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?", (str(webhook_id),)
+            ).fetchone()
+            return None if row is None else _webhook(row)
+
+        return await self._run(work)
+
+    async def list_webhooks(self) -> list[Webhook]:
+        def work(conn: sqlite3.Connection) -> list[Webhook]:
+            rows = conn.execute(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
+            ).fetchall()
+            return [_webhook(r) for r in rows]
+
+        return await self._run(work)
+
+    async def delete_webhook(self, webhook_id: uuid.UUID) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM webhooks WHERE id = ?", (str(webhook_id),))
+            return cur.rowcount == 1
+
+        return await self._run(work)
+
+    async def enqueue_webhook_deliveries(self, *, event: str, event_id: str, payload: str) -> int:
+        now = _ts(utcnow())
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _transaction(conn, write=True):
+                webhook_ids = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM webhooks WHERE EXISTS (SELECT 1 FROM json_each("
+                        "webhooks.events) WHERE json_each.value IN (?, ?)) ORDER BY id",
+                        (event, WILDCARD_EVENT),
+                    )
+                ]
+                queued = 0
+                for webhook_id in webhook_ids:
+                    cur = conn.execute(
+                        "INSERT INTO webhook_deliveries (id, webhook_id, event, event_id, "
+                        "payload, status, attempts, next_attempt_at, created_at, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
+                        "ON CONFLICT (webhook_id, event_id) DO NOTHING",
+                        (str(uuid.uuid4()), webhook_id, event, event_id, payload, now, now, now),
+                    )
+                    queued += cur.rowcount
+                return queued
+
+        return await self._run(work, event, event_id, payload)
+
+    async def claim_webhook_deliveries(
+        self,
+        *,
+        limit: int,
+        per_webhook: int,
+        lease_s: float,
+        exclude: Collection[uuid.UUID] = (),
+    ) -> list[ClaimedDelivery]:
+        if limit < 1 or per_webhook < 1:
+            return []
+        now_dt = utcnow()
+        now, lease_end = _ts(now_dt), _ts(now_dt + timedelta(seconds=lease_s))
+        not_in, not_in_params = _not_in("webhook_id", exclude)
+        # Oldest due first, at most ``per_webhook`` of each endpoint. BEGIN IMMEDIATE
+        # makes select-then-update atomic against other processes on the file.
+        pick_sql = (
+            "SELECT id FROM (SELECT id, next_attempt_at, row_number() OVER ("
+            "PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rn "
+            "FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+            f"{not_in}) WHERE rn <= ? ORDER BY next_attempt_at, id LIMIT ?"
+        )
+        pick_params = [now, *not_in_params, per_webhook, limit]
+        columns = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+        webhook_columns = ", ".join(
+            f"w.{c.strip()} AS w_{c.strip()}" for c in _WEBHOOK_COLUMNS.split(",")
+        )
+
+        def work(conn: sqlite3.Connection) -> list[ClaimedDelivery]:
+            with _transaction(conn, write=True):
+                ids = [r[0] for r in conn.execute(pick_sql, pick_params)]
+                if not ids:
+                    return []
+                marks = ", ".join("?" for _ in ids)
+                conn.execute(
+                    f"UPDATE webhook_deliveries SET next_attempt_at = ?, updated_at = ? "
+                    f"WHERE id IN ({marks})",
+                    (lease_end, now, *ids),
+                )
+                rows = conn.execute(
+                    f"SELECT {columns}, {webhook_columns} FROM webhook_deliveries d "
+                    f"JOIN webhooks w ON w.id = d.webhook_id WHERE d.id IN ({marks}) "
+                    "ORDER BY d.created_at, d.id",
+                    ids,
+                ).fetchall()
+            return [ClaimedDelivery(_delivery(r), _webhook(r, "w_")) for r in rows]
+
+        return await self._run(work)
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: uuid.UUID,
+        *,
+        status: DeliveryStatus,
+        status_code: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        check_outcome(status, next_attempt_at)
+        params = (
+            DeliveryStatus(status).value,
+            None if next_attempt_at is None else _ts(next_attempt_at),
+            status_code,
+            error,
+            _ts(utcnow()),
+            str(delivery_id),
+        )
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, status = ?, "
+                "next_attempt_at = ?, last_status_code = ?, last_error = ?, updated_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                params,
+            )
+            return cur.rowcount == 1
+
+        return await self._run(work, error)
+
+    async def release_webhook_deliveries(self, delivery_ids: Collection[uuid.UUID]) -> int:
+        if not delivery_ids:
+            return 0
+        now = _ts(utcnow())
+        ids = [str(i) for i in delivery_ids]
+        marks = ", ".join("?" for _ in ids)
+
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                f"UPDATE webhook_deliveries SET next_attempt_at = ?, updated_at = ? "
+                f"WHERE id IN ({marks}) AND status = 'pending'",
+                (now, now, *ids),
+            )
+            return cur.rowcount
+
+        return await self._run(work)
+
+    async def next_webhook_due_at(self, *, exclude: Collection[uuid.UUID] = ()) -> datetime | None:
+        not_in, params = _not_in("webhook_id", exclude)
+
+        def work(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT min(next_attempt_at) FROM webhook_deliveries "
+                f"WHERE status = 'pending'{not_in}",
+                params,
+            ).fetchone()
+            return _dt(row[0])
+
+        return await self._run(work)
+
+    async def list_webhook_deliveries(
+        self,
+        webhook_id: uuid.UUID,
+        *,
+        page: int = 1,
+        limit: int = 20,
+        status: DeliveryStatus | None = None,
+    ) -> tuple[list[WebhookDelivery], int]:
+        check_page(page, limit)
+        where = "webhook_id = ?"
+        params: list[object] = [str(webhook_id)]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(DeliveryStatus(status).value)
+        page_sql = (
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {where} "
+            "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        )
+        page_params = [*params, limit, (page - 1) * limit]
+
+        def work(conn: sqlite3.Connection) -> tuple[list[WebhookDelivery], int]:
+            with _transaction(conn, write=False):
+                total = conn.execute(
+                    f"SELECT count(*) FROM webhook_deliveries WHERE {where}", params
+                ).fetchone()[0]
+                rows = conn.execute(page_sql, page_params).fetchall()
+            return [_delivery(r) for r in rows], int(total)
+
+        return await self._run(work)
+
+    async def prune_webhook_deliveries(self, *, finished_before: datetime) -> int:
+        before = _ts(finished_before)
+
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND updated_at < ?",
+                (before,),
+            )
+            return cur.rowcount
+
+        return await self._run(work)

@@ -27,10 +27,13 @@ from storage import (
     open_storage,
 )
 from storage.base import Role
+from storage.migrations import load_migrations
 from storage.postgres import PostgresStorage
 from tests.storage.conftest import PG_DSN, StorageFactory, drop_schema
 
 INJECTION = "'; DROP TABLE users;--"
+#: Every migration version, in order (what a fresh database gets).
+ALL_VERSIONS = [m.version for m in load_migrations("sqlite")]
 HASH = "$2b$12$" + "x" * 53
 
 
@@ -57,7 +60,7 @@ async def test_is_a_storage(storage: Storage, backend: str) -> None:
 
 async def test_migrate_applies_once(storage_factory: StorageFactory) -> None:
     storage = await storage_factory.open()
-    assert await storage.migrate() == ["0001_initial"]
+    assert await storage.migrate() == ALL_VERSIONS
     assert await storage.migrate() == []
     await make_user(storage, "one@example.com")
 
@@ -73,7 +76,7 @@ async def test_concurrent_migrate_applies_once(storage_factory: StorageFactory) 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(migrate, first)
             nursery.start_soon(migrate, second)
-    assert sorted(results) == [[], ["0001_initial"]]
+    assert sorted(results) == [[], ALL_VERSIONS]
     user = await make_user(first, "both@example.com")
     assert await second.get_user(user.id) == user
 
@@ -553,7 +556,7 @@ async def test_open_storage_sqlite_from_settings(tmp_path: Path) -> None:
     settings = load_settings(hub_data_dir=tmp_path, database_url=None)
     async with open_storage(settings) as storage:
         assert storage.backend == "sqlite"
-        assert await storage.migrate() == ["0001_initial"]
+        assert await storage.migrate() == ALL_VERSIONS
         await make_user(storage, "file@example.com")
     assert settings.sqlite_path.is_file()
     with pytest.raises(trio.ClosedResourceError):
@@ -570,7 +573,7 @@ async def test_open_storage_postgres_from_settings(postgres_dsn: str, aio: Async
     try:
         async with open_storage(settings, aio, schema=schema) as storage:
             assert storage.backend == "postgresql"
-            assert await storage.migrate() == ["0001_initial"]
+            assert await storage.migrate() == ALL_VERSIONS
             await make_user(storage, "pg@example.com")
     finally:
         await aio.run(drop_schema, PG_DSN, schema)

@@ -13,6 +13,7 @@ import trio
 
 from bridge.aio import AsyncioThread
 from storage import StorageUnavailable
+from storage.migrations import load_migrations
 from storage.postgres import PostgresStorage
 from tests.services import in_ci
 from tests.storage.pg_cluster import PrivateCluster, open_private_cluster
@@ -52,7 +53,7 @@ async def test_storage_recovers_after_restart(
 ) -> None:
     storage = await PostgresStorage.open(cluster.dsn, aio, pool_size=4)
     try:
-        assert await storage.migrate() == ["0001_initial"]
+        assert await storage.migrate() == [m.version for m in load_migrations("postgresql")]
         user = await storage.create_user(email="r@example.com", password_hash="h", full_name="R")
         # Open several pooled connections, so that all of them go stale in the outage.
         async with trio.open_nursery() as nursery:
