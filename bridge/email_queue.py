@@ -20,6 +20,10 @@ from typing import Any, Protocol
 JOB_TYPE = "send_email"
 
 
+class QueueUnavailable(Exception):
+    """The queue cannot take a job right now (its broker is unreachable)."""
+
+
 class BadJob(ValueError):
     """A stored or received job does not have the SPEC §4 shape."""
 

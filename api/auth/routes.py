@@ -31,9 +31,16 @@ from api.auth.models import (
 )
 from api.auth.tokens import TokenError, TokenPair, new_jti
 from api.envelope import success
-from api.errors import conflict, forbidden, unauthorized, validation_error
+from api.errors import (
+    conflict,
+    forbidden,
+    service_unavailable,
+    unauthorized,
+    validation_error,
+)
 from api.v1 import rate_group, request_ip
 from api.validation import endpoint
+from bridge.email_queue import QueueUnavailable
 from storage.base import Conflict, RotateOutcome
 
 if TYPE_CHECKING:
@@ -117,9 +124,15 @@ async def start_session(svc: ApiServices, user: User) -> TokenPair:
     return pair
 
 
-def revoke_family(svc: ApiServices, session_id: str) -> None:
-    """Kill the access tokens (and WebSockets) of a refresh family on this node at once."""
-    svc.revocations.revoke_session(session_id, time.time() + svc.tokens.access_ttl_s)
+async def revoke_family(svc: ApiServices, session_id: str) -> None:
+    """Kill the access tokens (and WebSockets) of a refresh family at once: on this node,
+    then on the others through the broker's control channel (their storage poll is the
+    safety net)."""
+    until = time.time() + svc.tokens.access_ttl_s
+    svc.revocations.revoke_session(session_id, until)
+    await cast("HubApp", current_app).node.realtime.announce_revocation(
+        "session", session_id, until
+    )
 
 
 def create_auth_blueprint() -> Blueprint:
@@ -145,7 +158,17 @@ def create_auth_blueprint() -> Blueprint:
         except Conflict:
             raise conflict("An account with this email already exists", field="email") from None
         log.info("user registered", extra={"new_user_id": str(user.id)})
-        await send_verification(svc, user)
+        message = "Registration successful, check your e-mail to verify the address"
+        try:
+            await send_verification(svc, user)
+        except QueueUnavailable as error:
+            # The account exists; only the e-mail is late. Answering 5xx would make the
+            # client retry into a 409, so say what happened instead.
+            log.error("verification e-mail not queued: %s", error)
+            message = (
+                "Registration successful, but the verification e-mail could not be sent "
+                "yet; request a new one with /auth/resend-verification shortly"
+            )
         svc.events.emit(
             "user.created",
             {"user_id": str(user.id), "email": user.email, "created_at": iso(user.created_at)},
@@ -159,7 +182,7 @@ def create_auth_blueprint() -> Blueprint:
                 "created_at": iso(user.created_at),
             },
             status=201,
-            message="Registration successful, check your e-mail to verify the address",
+            message=message,
         )
 
     async def verify(token: str) -> Response:
@@ -198,7 +221,10 @@ def create_auth_blueprint() -> Blueprint:
         svc = services()
         user = await svc.storage.get_user_by_email(body.email.strip())
         if user is not None and not user.is_verified and user.is_active:
-            await send_verification(svc, user)
+            try:
+                await send_verification(svc, user)
+            except QueueUnavailable:
+                raise service_unavailable("The e-mail queue is unavailable, try again") from None
         return success(
             None,
             status=202,
@@ -251,7 +277,7 @@ def create_auth_blueprint() -> Blueprint:
         user = await svc.users.get(user_id)
         if user is None or not user.is_active:
             await svc.storage.revoke_session(session_id, reason="user_gone")
-            revoke_family(svc, claims.session_id)
+            await revoke_family(svc, claims.session_id)
             raise unauthorized("Invalid or expired refresh token")
         new = new_jti()
         expires = datetime.now(UTC) + timedelta(seconds=svc.tokens.refresh_ttl_s)
@@ -265,7 +291,7 @@ def create_auth_blueprint() -> Blueprint:
             log.warning(
                 "refresh token reuse, session revoked", extra={"session_id": claims.session_id}
             )
-            revoke_family(svc, claims.session_id)
+            await revoke_family(svc, claims.session_id)
             await svc.sessions.remove(claims.user_id, claims.session_id)
             raise unauthorized("Refresh token was already used; the session is revoked")
         if outcome is not RotateOutcome.ROTATED:
@@ -287,7 +313,7 @@ def create_auth_blueprint() -> Blueprint:
         claims = await require_claims()
         svc = services()
         await svc.storage.revoke_session(uuid.UUID(claims.session_id), reason="logout")
-        revoke_family(svc, claims.session_id)
+        await revoke_family(svc, claims.session_id)
         await svc.sessions.remove(claims.user_id, claims.session_id)
         return success(None, message="Logged out")
 

@@ -107,7 +107,12 @@ def create_users_blueprint() -> Blueprint:
         svc = services()
         user_id = _user_id(claims)
         deleted = await svc.storage.soft_delete_user(user_id)
-        svc.revocations.revoke_user(claims.user_id, time.time())
+        revoked_at = time.time()
+        svc.revocations.revoke_user(claims.user_id, revoked_at)
+        # The other nodes now, not at their next storage poll (which stays the safety net).
+        await cast("HubApp", current_app).node.realtime.announce_revocation(
+            "user", claims.user_id, revoked_at
+        )
         await svc.users.invalidate(claims.user_id)
         await svc.sessions.remove_user(claims.user_id)
         if not deleted:

@@ -1,0 +1,525 @@
+"""RabbitMQ ingest, the trio side (SPEC §4): validate, dedupe, publish, then ack.
+
+Batches of deliveries arrive from the ingest link thread (:mod:`bridge.amqp_ingest`)
+through a bounded memory channel. Each message, one at a time and in delivery order:
+
+1. is parsed and validated (:func:`parse_message`); an invalid one is dead-lettered to
+   ``hub.dlx`` with ``x-hub-reason`` and logged;
+2. gets its id: the message's ``id``, else the AMQP ``message_id`` property, else
+   ``"sha256:" + sha256(body)[:32 hex]`` (so identical bodies without ids count as
+   repeats of each other within the window);
+3. is dropped when that id was published in the last ``AMQP_DEDUPE_TTL_S`` seconds;
+4. is handed to fan-out and history with ``await realtime.publish(...)``;
+5. only then is its delivery marked done; acks go out in batches (``multiple=True``)
+   when ``AMQP_ACK_BATCH`` are done or ``AMQP_ACK_INTERVAL_MS`` after the first one.
+
+A crash (or a lost connection) before step 5 means redelivery; the dedupe window makes
+the repeat invisible to clients as long as this process lives.
+
+Cancellation:
+    Leaving :func:`open_ingest` stops taking new messages, lets the message being
+    published finish (at most :data:`SHUTDOWN_TIMEOUT_S`), flushes the acks, then closes
+    the connection; whatever was received and not acked is redelivered by RabbitMQ.
+
+Backpressure:
+    At most :data:`INGEST_MAILBOX_BATCHES` batches (each at most ``AMQP_PREFETCH``
+    messages) wait in the memory channel; beyond that the link thread blocks, stops
+    reading the socket, and RabbitMQ keeps the rest in the queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from actors.protocol import MAX_CHANNEL_LENGTH, is_known_channel
+from bridge.amqp_connection import AmqpLink, open_amqp_link
+from bridge.amqp_ingest import Delivery, IngestConsumer
+from bridge.dedupe import Dedupe, MemoryDedupe
+from hub.supervisor import supervise
+
+if TYPE_CHECKING:
+    from pika.spec import BasicProperties
+
+    from hub.node import Node
+
+__all__ = [
+    "INGEST_MAILBOX_BATCHES",
+    "MAX_MESSAGE_BYTES",
+    "IngestActor",
+    "IngestStatistics",
+    "InvalidMessage",
+    "Notification",
+    "open_ingest",
+    "parse_message",
+]
+
+log = logging.getLogger("hub.actors.ingest")
+
+#: Batches waiting between the link thread and the consumer task.
+INGEST_MAILBOX_BATCHES = 4
+#: Largest accepted message body (bigger ones are dead-lettered as ``oversize``).
+MAX_MESSAGE_BYTES = 64 * 1024
+#: Most channels in one message's ``channels``.
+MAX_CHANNELS = 100
+#: Longest ``id`` and ``event``.
+MAX_ID_LENGTH = 128
+MAX_EVENT_LENGTH = 128
+#: Backoff of a publish that failed for a transient reason (the message is held, unacked).
+PUBLISH_RETRY_INITIAL_S = 0.05
+PUBLISH_RETRY_MAX_S = 5.0
+#: Seconds the graceful stop waits for the message being published.
+SHUTDOWN_TIMEOUT_S = 3.0
+
+_FIELDS = frozenset({"channel", "channels", "data", "event", "id"})
+
+
+# -- validation ------------------------------------------------------------------------
+class InvalidMessage(Exception):
+    """A message that can never be published; dead-lettered with ``reason``.
+
+    Attributes:
+        reason: ``oversize``, ``invalid_json``, ``invalid_schema``, ``invalid_channel``,
+            ``rejected`` (the realtime core refused it) or ``internal_error`` (a bug
+            while parsing): the ``x-hub-reason`` header.
+        detail: a human sentence, the ``x-hub-reason-detail`` header.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A valid message, ready for ``Realtime.publish``."""
+
+    channels: list[str]
+    data: dict[str, Any]
+    event: str | None
+    id: str
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: One decoder for every message (``json.loads`` with options builds one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
+def _name_ok(value: str) -> bool:
+    return 0 < len(value) <= MAX_CHANNEL_LENGTH and all(
+        c.isascii() and (c.isalnum() or c in "_.:-") for c in value
+    )
+
+
+def _channels(message: dict[str, Any]) -> list[str]:
+    if ("channel" in message) == ("channels" in message):
+        raise InvalidMessage("invalid_schema", "exactly one of 'channel' or 'channels' is required")
+    if "channel" in message:
+        names = [message["channel"]]
+        if not isinstance(names[0], str):
+            raise InvalidMessage("invalid_schema", "'channel' must be a string")
+    else:
+        names = message["channels"]
+        if not isinstance(names, list) or not names:
+            raise InvalidMessage("invalid_schema", "'channels' must be a non-empty list")
+        if len(names) > MAX_CHANNELS:
+            raise InvalidMessage("invalid_schema", f"more than {MAX_CHANNELS} channels")
+        if not all(isinstance(name, str) for name in names):
+            raise InvalidMessage("invalid_schema", "'channels' must hold strings")
+    for name in names:
+        if not is_known_channel(name):
+            shown = name[:MAX_CHANNEL_LENGTH]
+            raise InvalidMessage(
+                "invalid_channel",
+                f"{shown!r} is not a channel: at most {MAX_CHANNEL_LENGTH} characters of "
+                "[A-Za-z0-9_.:-] in global, public.*, user.<id>, admin or admin.*",
+            )
+    return list(dict.fromkeys(names))
+
+
+def derive_id(body: bytes, properties: BasicProperties | None) -> str:
+    """The id of a message without one: the AMQP ``message_id`` when usable, else
+    ``"sha256:"`` and the first 32 hex digits of the body's SHA-256."""
+    message_id = properties.message_id if properties is not None else None
+    if isinstance(message_id, str) and 0 < len(message_id) <= MAX_ID_LENGTH:
+        return message_id
+    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
+
+
+def parse_message(body: bytes, properties: BasicProperties | None = None) -> Notification:
+    """Validate one AMQP message body (docs/producers.md, "Message format").
+
+    Raises:
+        InvalidMessage: with the dead-letter reason.
+    """
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage("oversize", f"{len(body)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        message = _DECODER.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidMessage("invalid_json", str(exc)[:200]) from None
+    if not isinstance(message, dict):
+        raise InvalidMessage("invalid_schema", "the body must be a JSON object")
+    unknown = sorted(set(message) - _FIELDS)
+    if unknown:
+        raise InvalidMessage("invalid_schema", f"unknown field(s): {', '.join(unknown)[:200]}")
+    data = message.get("data")
+    if not isinstance(data, dict):
+        raise InvalidMessage("invalid_schema", "'data' must be a JSON object")
+    channels = _channels(message)
+    event = message.get("event")
+    if event is not None and not (isinstance(event, str) and _name_ok(event)):
+        raise InvalidMessage(
+            "invalid_schema", f"'event' must be 1-{MAX_EVENT_LENGTH} characters of [A-Za-z0-9_.:-]"
+        )
+    raw_id = message.get("id")
+    if raw_id is None:
+        message_id = derive_id(body, properties)
+    elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        message_id = str(raw_id)
+    elif isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LENGTH and raw_id.isprintable():
+        message_id = raw_id
+    else:
+        raise InvalidMessage(
+            "invalid_schema", f"'id' must be a string of 1-{MAX_ID_LENGTH} printable characters"
+        )
+    return Notification(channels, data, event, message_id)
+
+
+# -- the actor -------------------------------------------------------------------------
+class Publisher(Protocol):
+    """What ingest needs from the realtime core (``actors.realtime.Realtime``)."""
+
+    async def publish(
+        self,
+        channels: list[str],
+        data: dict[str, Any],
+        *,
+        event: str | None = None,
+        id: str | None = None,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IngestStatistics:
+    """Counters since start. ``acked``: deliveries covered by acks sent to the broker
+    (acks of a connection that was lost meanwhile are counted but never arrive)."""
+
+    received: int
+    published: int
+    duplicates: int
+    dead_lettered: int
+    redelivered: int
+    publish_retries: int
+    acked: int
+
+
+class IngestActor:
+    """Consumes delivery batches, publishes valid messages, acks in batches.
+
+    Args:
+        publisher: the realtime core.
+        dedupe: recently published ids.
+        link: the ingest link (acks and dead letters run in its thread).
+        consumer: the link's handler.
+        receive: batches from the link thread.
+        ack_batch: flush acks once this many deliveries are done.
+        ack_interval_s: flush acks at most this long after the first unflushed one.
+
+    Cancellation:
+        :meth:`stop` is the graceful way (see the module docstring); cancelling
+        :meth:`run` abandons the message being published: it is redelivered.
+
+    Backpressure:
+        One message at a time; the memory channel and the prefetch bound the rest.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        dedupe: Dedupe,
+        link: AmqpLink,
+        consumer: IngestConsumer,
+        receive: trio.MemoryReceiveChannel[list[Delivery]],
+        *,
+        ack_batch: int,
+        ack_interval_s: float,
+    ) -> None:
+        self._publisher = publisher
+        self._dedupe = dedupe
+        self._link = link
+        self._consumer = consumer
+        self._receive = receive
+        self._ack_batch = max(1, ack_batch)
+        self._ack_interval_s = ack_interval_s
+        self._ack_generation = 0
+        self._ack_tag = 0
+        self._unflushed = 0
+        self._ack_due = trio.Event()
+        self._stopping = False
+        self._idle_scope: trio.CancelScope | None = None
+        self._running = False
+        self._exited = trio.Event()
+        self._changed = trio.Event()
+        self._received = self._published = self._duplicates = self._dead = 0
+        self._redelivered = self._retries = self._acked = 0
+
+    @property
+    def link(self) -> AmqpLink:
+        """The ingest's RabbitMQ link (``link.statistics()``: connection state)."""
+        return self._link
+
+    def statistics(self) -> IngestStatistics:
+        return IngestStatistics(
+            self._received,
+            self._published,
+            self._duplicates,
+            self._dead,
+            self._redelivered,
+            self._retries,
+            self._acked,
+        )
+
+    async def wait_until(self, predicate: Callable[[IngestStatistics], bool]) -> None:
+        """Return once ``predicate(self.statistics())`` holds (tests, benchmarks)."""
+        while not predicate(self.statistics()):
+            await self._changed.wait()
+
+    def _bump(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- acks --------------------------------------------------------------------------
+    def _done(self, delivery: Delivery) -> None:
+        if delivery.generation != self._ack_generation:
+            self._flush_acks()
+            self._ack_generation = delivery.generation
+        self._ack_tag = delivery.tag
+        self._unflushed += 1
+        if self._unflushed >= self._ack_batch:
+            self._flush_acks()
+        elif self._unflushed == 1:
+            self._ack_due.set()
+
+    def _flush_acks(self) -> None:
+        if self._unflushed:
+            self._link.call_soon(
+                partial(self._consumer.ack_upto, self._ack_generation, self._ack_tag)
+            )
+            self._acked += self._unflushed
+            self._unflushed = 0
+            self._bump()
+        if self._ack_due.is_set():
+            self._ack_due = trio.Event()
+
+    async def _ack_timer(self) -> None:
+        while True:
+            await self._ack_due.wait()
+            await trio.sleep(self._ack_interval_s)
+            self._flush_acks()
+
+    # -- messages ----------------------------------------------------------------------
+    def _dead_letter(self, delivery: Delivery, error: InvalidMessage) -> None:
+        self._link.call_soon(
+            partial(self._consumer.dead_letter, delivery, error.reason, error.detail)
+        )
+        self._dead += 1
+        log.warning(
+            "invalid message dead-lettered to hub.dlx: %s",
+            error,
+            extra={
+                "reason": error.reason,
+                "routing_key": delivery.routing_key,
+                "message_id": delivery.properties.message_id,
+                "bytes": len(delivery.body),
+            },
+        )
+
+    async def _publish(self, message: Notification) -> None:
+        backoff = PUBLISH_RETRY_INITIAL_S
+        while True:
+            try:
+                await self._publisher.publish(
+                    message.channels, message.data, event=message.event, id=message.id
+                )
+                return
+            except (ValueError, TypeError) as exc:  # the realtime core refused this message
+                raise InvalidMessage("rejected", str(exc)[:200] or type(exc).__name__) from exc
+            except Exception as exc:  # transient (history store down…): hold and retry
+                self._retries += 1
+                delay = backoff * (0.5 + random.random())
+                log.warning(
+                    "publish failed, retrying in %.2fs (the message stays unacked): %s",
+                    delay,
+                    exc,
+                    extra={"message_id": message.id},
+                )
+                await trio.sleep(delay)
+                backoff = min(backoff * 2, PUBLISH_RETRY_MAX_S)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        self._received += 1
+        if delivery.redelivered:
+            self._redelivered += 1
+        try:
+            try:
+                message = parse_message(delivery.body, delivery.properties)
+            except InvalidMessage:
+                raise
+            except Exception as exc:  # a bug must not turn one message into a stall loop
+                log.exception("could not parse a message; dead-lettering it")
+                raise InvalidMessage("internal_error", type(exc).__name__) from exc
+            if await self._dedupe.seen(message.id):
+                self._duplicates += 1
+                return
+            await self._publish(message)
+        except InvalidMessage as error:
+            self._dead_letter(delivery, error)
+            return
+        await self._dedupe.remember(message.id)
+        self._published += 1
+
+    async def _next_batch(self) -> list[Delivery] | None:
+        with trio.CancelScope() as scope:
+            self._idle_scope = scope
+            if self._stopping:
+                scope.cancel()
+            try:
+                return await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return None
+            finally:
+                self._idle_scope = None
+        return None  # cancelled by stop()
+
+    async def _consume(self) -> None:
+        while not self._stopping:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            for delivery in batch:
+                if self._stopping:
+                    return
+                await self._handle(delivery)
+                self._done(delivery)
+            self._bump()
+            await trio.lowlevel.checkpoint()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Consume until :meth:`stop` (returns) or a crash (raises; the connection is
+        recycled first, so deliveries this run did not finish are redelivered)."""
+        self._running = True
+        self._exited = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ack_timer)
+                task_status.started()
+                await self._consume()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            self._flush_acks()  # everything marked done was published
+            self._link.request_reconnect()
+            raise
+        finally:
+            self._flush_acks()
+            self._running = False
+            self._exited.set()
+
+    async def stop(self) -> None:
+        """Stop consuming: let the message being published finish, flush the acks, then
+        close the connection (RabbitMQ requeues whatever was received and not done, for
+        other nodes or the next start). Idempotent.
+
+        Call it when the node starts shutting down, before its WebSockets are drained,
+        so no message is acked that no client can receive any more; leaving
+        :func:`open_ingest` calls it too.
+
+        Cancellation:
+            Callers bound it (``open_ingest`` shields it with a deadline); cancelled,
+            the connection is closed without the last acks (those messages come back).
+        """
+        self._stopping = True
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+        if self._running:
+            await self._exited.wait()
+        self._flush_acks()
+        self._receive.close()  # a link thread waiting to hand over a batch gives up
+        await self._link.stop()
+
+
+@asynccontextmanager
+async def open_ingest(node: Node) -> AsyncIterator[IngestActor | None]:
+    """Consume ``hub.notifications`` into ``node.realtime`` while the block runs.
+
+    Yields ``None`` (and does nothing) when ``AMQP_URL`` is not set. Registers
+    ``node.ready_checks["rabbitmq"]`` (503 on ``/ready`` while the broker is away),
+    combined with the check already there (the e-mail queue's), if any.
+    The block is entered without waiting for the broker; the link connects and
+    reconnects (capped exponential backoff with jitter) on its own.
+
+    Resource handling:
+        Leaving the block stops gracefully (see the module docstring), bounded by
+        :data:`SHUTDOWN_TIMEOUT_S` plus the link's stop timeout, even when cancelled.
+    """
+    settings = node.settings
+    if not settings.amqp_url:
+        yield None
+        return
+    send, receive = trio.open_memory_channel[list[Delivery]](INGEST_MAILBOX_BATCHES)
+    consumer = IngestConsumer(send, prefetch=settings.amqp_prefetch, node_id=settings.hub_node_id)
+    dedupe = MemoryDedupe(settings.amqp_dedupe_ttl_s, max_keys=settings.amqp_dedupe_max_keys)
+    async with open_amqp_link(
+        settings.amqp_url,
+        name=f"{settings.hub_node_id}/ingest",
+        handler=consumer,
+        reconnect_max_s=settings.amqp_reconnect_max_s,
+    ) as link:
+        actor = IngestActor(
+            node.realtime,
+            dedupe,
+            link,
+            consumer,
+            receive,
+            ack_batch=min(settings.amqp_ack_batch, max(1, settings.amqp_prefetch // 2)),
+            ack_interval_s=settings.amqp_ack_interval_ms / 1000,
+        )
+        # One "rabbitmq" check for every RabbitMQ connection of the node: the e-mail
+        # queue may have registered its own already.
+        other_check = node.ready_checks.get("rabbitmq")
+
+        async def check_rabbitmq() -> None:
+            await link.check_ready()
+            if other_check is not None:
+                await other_check()
+
+        node.ready_checks["rabbitmq"] = check_rabbitmq
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervise, "amqp-ingest", actor.run)
+                try:
+                    yield actor
+                finally:
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + SHUTDOWN_TIMEOUT_S
+                        await actor.stop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            receive.close()  # (again) in case stop() was cut short
+            if other_check is not None:
+                node.ready_checks["rabbitmq"] = other_check
+            else:
+                node.ready_checks.pop("rabbitmq", None)

@@ -1,0 +1,891 @@
+"""Ingest benchmark: RabbitMQ → hub → WebSocket subscribers on several channels.
+
+Usage::
+
+    .venv/bin/python -m benchmarks.ingest              # 1,000 subscribers; 1000, 100 channels
+    .venv/bin/python -m benchmarks.ingest --quick      # smoke: 100 subscribers, short windows
+    .venv/bin/python -m benchmarks.ingest --channels 100 --duration 15 --servers hub
+
+A node (``hub serve`` with ``AMQP_URL`` on a throw-away vhost) runs pinned to
+``--node-cpu``; the generator (counting subscriber processes, one sample process and
+``--producers`` publisher processes; :mod:`benchmarks.loadgen`) runs pinned to
+``--gen-cpu``. RabbitMQ itself is not pinned. Subscriber ``i`` subscribes to channel
+``public.ingest.<i mod C>`` and message ``k`` goes to channel ``k mod C``, so each message
+reaches ``N / C`` subscribers. For each channel count C:
+
+0. (once per node) ``--warm`` messages go through the node with nobody subscribed, so
+   that size-bound structures (the realtime core's 100k-entry id window) are in the
+   steady state they stay in, as on a node that has been running for a while;
+1. open N subscribed connections;
+2. **max**: with the node kept from reading (the vhost's read permission is withdrawn
+   and its connection closed), the producers fill ``hub.notifications`` with
+   ``--prefill`` messages; then the node may read again and drains the backlog with no
+   producer running. Ingested messages/s = frames delivered per second ÷ (N / C) over a
+   ``--duration`` window after ``--warmup``; ``backlog_ran_out`` says when the window
+   outlasted the backlog (the rate is then a lower bound);
+3. **50%**: producers publish live, open loop at half the max rate; p50/p99/max latency
+   from the producer's *scheduled* send time (``data.t``) to the frame read by a sample
+   subscriber (so a producer running late counts as latency);
+4. check: every subscriber got every message of its channel, the sample saw no gap,
+   duplicate or bad frame.
+
+Then the same against the peer (``--servers hub`` to skip it): python-socketio's
+``AsyncAioPikaManager`` on uvicorn (:mod:`benchmarks.ingest_peer`). Its queue belongs to
+the server and cannot be prefilled, so its max is measured while the producers publish
+``--peer-prefill`` messages as fast as they can.
+
+Prints a table and writes ``benchmarks/results/ingest.json`` (or ``--out``). Exit status 1
+when a counting check fails; timing targets are reported, not enforced. The machine has
+two vCPUs: RabbitMQ, the generator and anything else running share them with the node
+(``foreign_cpu_pct`` in the JSON: over ~25% makes a run suspect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from benchmarks.ingest_peer import (
+    PeerProcess,
+    PeerProducerConfig,
+    connect_message,
+    parse_notification,
+    peer_spec,
+)
+from benchmarks.ingest_peer import available as peer_available
+from benchmarks.ingest_peer import producer_main as peer_producer_main
+from benchmarks.loadgen import (
+    HANDSHAKE,
+    OP_CLOSE,
+    OP_TEXT,
+    NodeProcess,
+    SubscriberSpec,
+    SubscriberWorker,
+    Worker,
+    WorkerConfig,
+    cleanup_on_exit,
+    cpu_busy_seconds,
+    cpu_seconds,
+    free_port,
+    hub_subscriber_spec,
+    machine_info,
+    percentile,
+    pin_to_cpu,
+    raise_nofile,
+    rss_kb,
+)
+from bridge.amqp_ingest import EXCHANGE, QUEUE
+
+CHANNEL_PREFIX = "public.ingest."
+USER_EMAIL = "bench-user@example.com"
+PASSWORD = "Bench-passw0rd"
+DEFAULT_OUT = Path(__file__).parent / "results" / "ingest.json"
+SETTLE_TIMEOUT_S = 120.0
+SETTLE_POLL_S = 0.25
+#: Messages a producer writes before it lets pika flush the socket (max phase).
+FLUSH_EVERY = 64
+#: Producer commands may run this long beyond their publishing time.
+PRODUCER_SLACK_S = 60.0
+
+TARGETS = {"ingested_per_s": 10_000, "p99_ms_at_half_load": 50.0}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks.ingest", description=__doc__.split("\n")[0])
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=[1000, 100],
+        help="channel counts to run (each message reaches subscribers/channels clients)",
+    )
+    parser.add_argument("--duration", type=float, default=8.0, help="measured window, s")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--sample", type=int, default=40, help="fully checked subscribers")
+    parser.add_argument("--producers", type=int, default=2, help="publisher processes")
+    parser.add_argument("--prefill", type=int, default=200_000, help="backlog the max phase drains")
+    parser.add_argument("--frame-bytes", type=int, default=200)
+    parser.add_argument("--count-procs", type=int, default=2)
+    parser.add_argument("--read-interval-ms", type=float, default=50.0)
+    parser.add_argument("--node-cpu", type=int, default=0)
+    parser.add_argument("--gen-cpu", type=int, default=1)
+    parser.add_argument("--prefetch", type=int, default=None, help="AMQP_PREFETCH of the node")
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["hub", "socketio"],
+        default=["hub", "socketio"],
+        help="socketio: the python-socketio AsyncAioPikaManager peer (when installed)",
+    )
+    parser.add_argument(
+        "--warm",
+        type=int,
+        default=150_000,
+        help="messages the node ingests (no subscribers) before the first measurement",
+    )
+    parser.add_argument(
+        "--peer-prefill", type=int, default=30_000, help="messages the peer's max phase sends"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=None, help="open-loop rate instead of half the max"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="CI smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.subscribers, args.channels, args.sample = 100, [10], 10
+        args.duration, args.warmup, args.count_procs = 2.0, 0.5, 1
+        args.prefill, args.peer_prefill, args.warm = 20_000, 5_000, 0
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_OUT.with_name("ingest-quick.json")
+    for channels in args.channels:
+        if args.subscribers % channels:
+            parser.error(f"--subscribers must be a multiple of every --channels ({channels})")
+    return args
+
+
+# --------------------------------------------------------------------------- subscribers
+
+
+@dataclass
+class RotatingConfig(WorkerConfig):
+    """A subscriber worker whose sockets spread over ``channels``: socket ``j`` of this
+    worker subscribes to ``channels[(first + j) % len(channels)]``."""
+
+    channels: tuple[str, ...] = ()
+    first: int = 0
+
+
+class RotatingSubscriberWorker(SubscriberWorker):
+    """loadgen's worker, with one channel per socket instead of one for all."""
+
+    def __init__(self, config: RotatingConfig) -> None:
+        super().__init__(config)
+        self._channels = config.channels
+        first_message = connect_message if config.spec.validator == "socketio" else _subscribe
+        self._specs = {
+            channel: replace(config.spec, messages=(first_message(channel),))
+            for channel in config.channels
+        }
+        self._next = config.first
+        self._channel_of: dict[int, str] = {}
+
+    def _new_socket(self) -> Any:
+        sock = super()._new_socket()
+        self._channel_of[sock.fileno()] = self._channels[self._next % len(self._channels)]
+        self._next += 1
+        return sock
+
+    def _advance(self, sub: Any, data: bytes) -> bool:
+        if sub.state == HANDSHAKE:  # the subscribe frames go out in this step
+            self.cfg.spec = self._specs[self._channel_of[sub.fd]]
+        return super()._advance(sub, data)
+
+    def _consume(self, sub: Any, data: bytes, now_ns: int) -> None:
+        if sub.counter is not None or self.cfg.spec.validator != "socketio":
+            super()._consume(sub, data, now_ns)
+            return
+        # A sample socket of the socket.io peer: latency from data.t, continuity of
+        # each producer's per-room sequence number data.s.
+        assert sub.decoder is not None
+        for opcode, payload in sub.decoder.feed(data):
+            if opcode == OP_CLOSE:
+                self.close_codes[int.from_bytes(payload[:2], "big") if payload else 0] += 1
+                self._kill(sub)
+                return
+            if opcode != OP_TEXT:
+                continue
+            self.sample_frames += 1
+            try:
+                note = parse_notification(payload)
+            except (ValueError, UnicodeDecodeError):
+                self.sample_bad += 1
+                continue
+            if note is None:
+                continue
+            self.checker.check(f"{sub.fd}/{note['w']}/{note['k']}", "sio", int(note["s"]))
+            if self.phase is not None:
+                self.latencies[self.phase].append((now_ns - int(note["t"])) / 1e6)
+
+
+def _subscribe(channel: str) -> bytes:
+    return json.dumps({"type": "subscribe", "channels": [channel]}).encode()
+
+
+def _rotating_main(ctrl: Any, config: RotatingConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_nofile()
+    pin_to_cpu(config.cpu)
+    if config.nice:
+        with contextlib.suppress(OSError):
+            os.nice(config.nice)
+    RotatingSubscriberWorker(config).serve(ctrl)
+
+
+class RotatingPool:
+    """Counting workers plus one sample worker; N sockets spread evenly over channels."""
+
+    def __init__(self, spec: SubscriberSpec, args: argparse.Namespace, channels: int) -> None:
+        names = tuple(f"{CHANNEL_PREFIX}{i}" for i in range(channels))
+        counting = args.subscribers - args.sample
+        shares = [counting // args.count_procs] * args.count_procs
+        for i in range(counting - sum(shares)):
+            shares[i] += 1
+        self.shares = shares
+        self.sample_count = args.sample
+        self.sample = Worker(
+            _rotating_main,
+            RotatingConfig(spec, "sample", args.gen_cpu, nice=-10, channels=names, first=0),
+            "sample",
+        )
+        self.counters = []
+        first = args.sample
+        for i, share in enumerate(shares):
+            config = RotatingConfig(
+                spec,
+                "count",
+                args.gen_cpu,
+                args.read_interval_ms / 1000,
+                channels=names,
+                first=first,
+            )
+            self.counters.append(Worker(_rotating_main, config, f"count-{i}"))
+            first += share
+        self.subscribers_per_channel = [args.subscribers // channels] * channels
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [*self.counters, self.sample]
+
+    def open(self) -> dict[str, Any]:
+        results = [self.sample.call("open", self.sample_count, timeout=200)]
+        for worker, share in zip(self.counters, self.shares, strict=True):
+            results.append(worker.call("open", share, timeout=200))
+        errors: dict[str, int] = {}
+        for result in results:
+            for key, value in result["errors"].items():
+                errors[key] = errors.get(key, 0) + value
+        return {
+            "ok": sum(r["ok"] for r in results),
+            "failed": sum(r["failed"] for r in results),
+            "seconds": max(r["seconds"] for r in results),
+            "errors": errors,
+        }
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        for worker in self.workers:
+            worker.send("snap")
+        return [worker.reply() for worker in self.workers]
+
+    def set_phase(self, name: str | None) -> None:
+        self.sample.call("phase", name)
+
+    def latencies(self) -> dict[str, list[float]]:
+        result: dict[str, list[float]] = self.sample.call("latencies")
+        return result
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+# --------------------------------------------------------------------------- producers
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    url: str
+    index: int
+    tag: str  # unique per run: ids repeated within 10 minutes would be dropped as duplicates
+    channels: int
+    pad: int
+    cpu: int | None
+
+
+class Producer:
+    """Publishes to ``hub.notifications`` with pika, as fast as it can or open loop.
+
+    The fast path hands messages to pika's channel implementation and flushes the socket
+    every :data:`FLUSH_EVERY` messages instead of after each one (``BlockingChannel``
+    flushes per publish, about 3x slower here): the producer must outrun the node.
+    """
+
+    def __init__(self, config: ProducerConfig) -> None:
+        self.cfg = config
+        self.connection = pika.BlockingConnection(pika.URLParameters(config.url))
+        self.channel = self.connection.channel()
+        self.seq = 0
+        self.pad = "x" * config.pad
+        self.names = [f"{CHANNEL_PREFIX}{i}" for i in range(config.channels)]
+        self.per_channel = [0] * config.channels
+
+    def _body(self, t_ns: int) -> bytes:
+        k = self.seq % self.cfg.channels
+        self.per_channel[k] += 1
+        self.seq += 1
+        message = {
+            "channel": self.names[k],
+            "data": {"t": t_ns, "p": self.pad},
+            "id": f"{self.cfg.tag}-p{self.cfg.index}-{self.seq}",
+        }
+        return json.dumps(message, separators=(",", ":")).encode()
+
+    def fill(self, count: int) -> dict[str, Any]:
+        """Publish ``count`` messages as fast as possible (``data.t`` = send time)."""
+        self.per_channel = [0] * self.cfg.channels
+        publish = self.channel._impl.basic_publish  # see the class docstring
+        sent = 0
+        while sent < count:
+            for _ in range(min(FLUSH_EVERY, count - sent)):
+                publish(EXCHANGE, "bench", self._body(time.time_ns()))
+                sent += 1
+            self.connection.process_data_events(0)
+        self.channel.basic_qos()  # one round trip: everything before it reached RabbitMQ
+        return {"sent": sent, "backlog_max": 0, "per_channel": list(self.per_channel)}
+
+    def run(self, rate: float, duration_s: float) -> dict[str, Any]:
+        """Open loop at ``rate`` messages/s for ``duration_s``; ``data.t`` is each
+        message's scheduled send time, so running late counts as latency."""
+        self.per_channel = [0] * self.cfg.channels
+        publish = self.channel._impl.basic_publish
+        flush = self.connection.process_data_events
+        sent = backlog_max = 0
+        start = time.monotonic()
+        start_ns = time.time_ns()
+        end = start + duration_s
+        interval = 1.0 / rate
+        while (now := time.monotonic()) < end:
+            due = int((now - start) / interval) + 1
+            if due <= sent:
+                flush(min(interval * (sent + 1) - (now - start), 0.01))  # paces, reads acks
+                continue
+            backlog_max = max(backlog_max, due - sent)
+            for i in range(sent, min(due, sent + FLUSH_EVERY)):
+                publish(EXCHANGE, "bench", self._body(start_ns + int(i * interval * 1e9)))
+            sent = min(due, sent + FLUSH_EVERY)
+            flush(0)
+        self.channel.basic_qos()
+        return {"sent": sent, "backlog_max": backlog_max, "per_channel": list(self.per_channel)}
+
+
+def _producer_main(ctrl: Any, config: ProducerConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pin_to_cpu(config.cpu)
+    producer = Producer(config)
+    while True:
+        command, *args = ctrl.recv()
+        if command == "run":
+            ctrl.send(producer.run(args[0], args[1]))
+        elif command == "fill":
+            ctrl.send(producer.fill(args[0]))
+        elif command == "exit":
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                producer.connection.close()
+            ctrl.send(True)
+            return
+
+
+def queue_depth(url: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(connection.channel().queue_declare(QUEUE, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def rabbit_pid() -> int | None:
+    result = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
+    return int(result.stdout.split()[0]) if result.returncode == 0 and result.stdout else None
+
+
+class Probe:
+    """CPU time of the node, the generator, the producers and RabbitMQ."""
+
+    def __init__(self, node_pid: int, gen_pids: list[int], producer_pids: list[int]) -> None:
+        self.node_pid, self.gen_pids, self.producer_pids = node_pid, gen_pids, producer_pids
+        self.rabbit = rabbit_pid()
+
+    def read(self) -> dict[str, Any]:
+        return {
+            "t": time.monotonic(),
+            "busy": cpu_busy_seconds(),
+            "node_cpu": cpu_seconds(self.node_pid),
+            "gen_cpu": sum(cpu_seconds(pid) for pid in self.gen_pids),
+            "pub_cpu": sum(cpu_seconds(pid) for pid in self.producer_pids),
+            "rabbit_cpu": cpu_seconds(self.rabbit) if self.rabbit else 0.0,
+            "node_rss_kb": rss_kb(self.node_pid),
+        }
+
+
+def window_rate(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
+    total = 0.0
+    for a, b in zip(before, after, strict=True):
+        if b["t"] > a["t"]:
+            total += (b["text_frames"] - a["text_frames"]) / (b["t"] - a["t"])
+    return total
+
+
+def totals(snaps: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("text_frames", "bad_frames", "dead", "open", "gaps", "duplicates", "resets", "checked")
+    result: dict[str, Any] = {k: sum(s[k] for s in snaps) for k in keys}
+    codes: dict[str, int] = {}
+    for snap in snaps:
+        for code, count in snap["close_codes"].items():
+            codes[str(code)] = codes.get(str(code), 0) + count
+    result["close_codes"] = codes
+    return result
+
+
+def settle(pool: RotatingPool, expected: int) -> list[dict[str, Any]]:
+    """Snapshot until ``expected`` frames arrived or nothing moved for 5 s."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last, still_since = -1, time.monotonic()
+    while True:
+        snaps = pool.snapshot()
+        received = sum(s["text_frames"] for s in snaps)
+        now = time.monotonic()
+        if received >= expected or now > deadline or now - still_since > 5.0:
+            return snaps
+        if received != last:
+            last, still_since = received, now
+        time.sleep(SETTLE_POLL_S)
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _window(
+    pool: RotatingPool, probe: Probe, depth: Callable[[], int], name: str | None, duration: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Snapshots, probes and queue depth at both ends of a ``duration`` window."""
+    a = {"depth": depth(), "snaps": pool.snapshot(), "probe": probe.read()}
+    if name is not None:
+        pool.set_phase(name)
+    time.sleep(duration)
+    if name is not None:
+        pool.set_phase(None)
+    b = {"depth": depth(), "snaps": pool.snapshot(), "probe": probe.read()}
+    return a, b
+
+
+def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any]:
+    pa, pb = a["probe"], b["probe"]
+    dt = pb["t"] - pa["t"]
+    busy = pb["busy"]["cpu"] - pa["busy"]["cpu"]
+    ours = sum(pb[k] - pa[k] for k in ("node_cpu", "gen_cpu", "pub_cpu", "rabbit_cpu"))
+    delivered = window_rate(a["snaps"], b["snaps"])
+
+    def pct(key: str) -> float:
+        return round(100 * (pb[key] - pa[key]) / dt, 1)
+
+    return {
+        "window_s": round(dt, 3),
+        "delivered_per_s": round(delivered),
+        "ingested_per_s": round(delivered / fanout),
+        "queue_depth_window": [a["depth"], b["depth"]],
+        "node_cpu_pct": pct("node_cpu"),
+        "gen_cpu_pct": pct("gen_cpu"),
+        "pub_cpu_pct": pct("pub_cpu"),
+        "rabbit_cpu_pct": pct("rabbit_cpu"),
+        "node_rss_kb": pb["node_rss_kb"],
+        # Everything else that ran meanwhile (other processes on a shared machine):
+        # over ~25% makes a run suspect.
+        "foreign_cpu_pct": round(100 * (busy - ours) / dt, 1),
+        "cpu_busy_pct": {
+            cpu: round(100 * (pb["busy"][cpu] - pa["busy"][cpu]) / dt, 1) for cpu in pb["busy"]
+        },
+    }
+
+
+def run_drain(
+    pool: RotatingPool,
+    producers: list[Worker],
+    probe: Probe,
+    vhost: Any,
+    fanout: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Max: fill the queue while the node may not read it, then let it drain the backlog
+    with nothing else running, and measure the sustained rate inside the drain."""
+    vhost.set_permissions(".*", ".*", "^$")  # may publish, may not consume
+    vhost.close_connections("/ingest")
+    each = args.prefill // len(producers)
+    for producer in producers:
+        producer.send("fill", each)
+    results = [p.reply(timeout=PRODUCER_SLACK_S + args.prefill / 1000) for p in producers]
+    filled = queue_depth(vhost.url)
+    base = sum(s["text_frames"] for s in pool.snapshot())
+    vhost.set_permissions(".*", ".*", ".*")
+    released = time.monotonic()
+    while sum(s["text_frames"] for s in pool.snapshot()) == base:  # the node reconnects
+        if time.monotonic() - released > 30:
+            raise RuntimeError("the node did not resume consuming")
+        time.sleep(0.05)
+    resumed_s = time.monotonic() - released
+    time.sleep(args.warmup)
+    a, b = _window(pool, probe, partial(queue_depth, vhost.url), None, args.duration)
+    result = {
+        "mode": "drain of a prefilled backlog (producers idle)",
+        "prefilled": filled,
+        "resumed_after_s": round(resumed_s, 2),
+        "backlog_ran_out": b["depth"] == 0,  # then the rate is a lower bound
+        **_measure(a, b, fanout),
+        "published_total": sum(r["sent"] for r in results),
+        "per_channel": [sum(c) for c in zip(*(r["per_channel"] for r in results), strict=True)],
+    }
+    return result
+
+
+def run_saturate(
+    pool: RotatingPool,
+    producers: list[Worker],
+    probe: Probe,
+    depth: Callable[[], int],
+    fanout: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Max for the peer (whose queue is its own and cannot be prefilled): the producers
+    publish ``--peer-prefill`` messages as fast as they can while it consumes."""
+    base = sum(s["text_frames"] for s in pool.snapshot())
+    each = args.peer_prefill // len(producers)
+    for producer in producers:
+        producer.send("fill", each)
+    started = time.monotonic()
+    while sum(s["text_frames"] for s in pool.snapshot()) == base:
+        if time.monotonic() - started > 30:
+            raise RuntimeError("the peer delivers nothing")
+        time.sleep(0.05)
+    time.sleep(args.warmup)
+    a, b = _window(pool, probe, depth, None, args.duration)
+    results = [p.reply(timeout=PRODUCER_SLACK_S + args.peer_prefill / 100) for p in producers]
+    return {
+        "mode": "producers publishing as fast as they can",
+        "prefilled": sum(r["sent"] for r in results),
+        "backlog_ran_out": b["depth"] == 0,
+        **_measure(a, b, fanout),
+        "published_total": sum(r["sent"] for r in results),
+        "per_channel": [sum(c) for c in zip(*(r["per_channel"] for r in results), strict=True)],
+    }
+
+
+def run_open_loop(
+    pool: RotatingPool,
+    producers: list[Worker],
+    probe: Probe,
+    depth: Callable[[], int],
+    fanout: int,
+    rate: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Producers publish live at ``rate``; latency from the sample subscribers."""
+    for producer in producers:
+        producer.send("run", rate / len(producers), args.warmup + args.duration)
+    time.sleep(args.warmup)
+    a, b = _window(pool, probe, depth, "half", args.duration)
+    results = [p.reply(timeout=args.warmup + args.duration + PRODUCER_SLACK_S) for p in producers]
+    latencies = pool.latencies().get("half", [])
+    return {
+        "mode": "open loop",
+        "target_rate": round(rate, 1),
+        **_measure(a, b, fanout),
+        "published_total": sum(r["sent"] for r in results),
+        "per_channel": [sum(c) for c in zip(*(r["per_channel"] for r in results), strict=True)],
+        "producer_backlog_max": max(r["backlog_max"] for r in results),
+        "latency_samples": len(latencies),
+        "latency_ms_p50": ms(percentile(latencies, 50)),
+        "latency_ms_p99": ms(percentile(latencies, 99)),
+        "latency_ms_max": ms(max(latencies) if latencies else None),
+    }
+
+
+@dataclass
+class Target:
+    """What a layout runs against: the hub node or the socket.io peer."""
+
+    name: str  # "hub" or "socketio"
+    pid: int
+    spec: SubscriberSpec
+    vhost: Any
+
+    def producer(self, index: int, channels: int, pad: int, cpu: int | None) -> Worker:
+        if self.name == "hub":
+            tag = f"{os.getpid()}.{time.time_ns()}"
+            config = ProducerConfig(self.vhost.url, index, tag, channels, pad, cpu)
+            return Worker(_producer_main, config, f"pub-{index}")
+        peer = PeerProducerConfig(self.vhost.url, index, channels, pad, cpu)
+        return Worker(peer_producer_main, peer, f"peer-pub-{index}")
+
+    def depth(self) -> int:
+        """Messages waiting for this target in RabbitMQ."""
+        if self.name == "hub":
+            return queue_depth(self.vhost.url)
+        queues = self.vhost.queue_messages()
+        return sum(n for name, n in queues.items() if name.startswith("amq.gen-"))
+
+
+def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[str, Any]:
+    fanout = args.subscribers // channels
+    pool = RotatingPool(target.spec, args, channels)
+    pad = max(0, args.frame_bytes - 150 - len(CHANNEL_PREFIX))  # ~frame_bytes on the wire
+    producers = [target.producer(i, channels, pad, args.gen_cpu) for i in range(args.producers)]
+    with cleanup_on_exit(pool.stop, *(p.stop for p in producers)):
+        opened = pool.open()
+        print(
+            f"  {target.name} C={channels} (each message → {fanout} subscribers): "
+            f"{opened['ok']} connections "
+            f"open in {opened['seconds']:.1f}s"
+            + (f", {opened['failed']} failed {opened['errors']}" if opened["failed"] else ""),
+            flush=True,
+        )
+        probe = Probe(target.pid, [w.pid for w in pool.workers], [p.pid for p in producers])
+        base = totals(pool.snapshot())
+        per_channel = [0] * channels
+        phases: dict[str, Any] = {}
+        if target.name == "hub":
+            m = run_drain(pool, producers, probe, target.vhost, fanout, args)
+        else:
+            m = run_saturate(pool, producers, probe, target.depth, fanout, args)
+        phases["max"] = m
+        print(
+            f"  {target.name} C={channels} max: {m['ingested_per_s']:,} msgs/s ingested "
+            f"({m['delivered_per_s']:,} deliveries/s), {m['prefilled']:,} published, "
+            f"server CPU {m['node_cpu_pct']}%, RabbitMQ CPU {m['rabbit_cpu_pct']}%, "
+            f"others {m['foreign_cpu_pct']}%",
+            flush=True,
+        )
+        per_channel = [a + b for a, b in zip(per_channel, m["per_channel"], strict=True)]
+
+        def expected() -> int:
+            return base["text_frames"] + sum(
+                n * s for n, s in zip(per_channel, pool.subscribers_per_channel, strict=True)
+            )
+
+        drain_start = time.monotonic()
+        settle(pool, expected())
+        drain_s = time.monotonic() - drain_start
+        half_rate = args.rate or max(1.0, m["ingested_per_s"] / 2)
+        phases["half"] = h = run_open_loop(
+            pool, producers, probe, target.depth, fanout, half_rate, args
+        )
+        print(
+            f"  {target.name} C={channels} 50%: {h['ingested_per_s']:,} msgs/s, "
+            f"p50 {h['latency_ms_p50']} ms, p99 {h['latency_ms_p99']} ms",
+            flush=True,
+        )
+        per_channel = [a + b for a, b in zip(per_channel, h["per_channel"], strict=True)]
+        final = totals(settle(pool, expected()))
+        received = final["text_frames"] - base["text_frames"]
+        wanted = expected() - base["text_frames"]
+        checks = {
+            "connections_failed": opened["failed"],
+            "connections_lost": final["dead"],
+            "close_codes": final["close_codes"],
+            "expected_deliveries": wanted,
+            "received_deliveries": received,
+            "missing_deliveries": max(0, wanted - received),
+            "extra_deliveries": max(0, received - wanted),
+            "bad_frames": final["bad_frames"],
+            "sample_checked": final["checked"],
+            "sample_gaps": final["gaps"],
+            "sample_duplicates": final["duplicates"],
+            "sample_epoch_resets": final["resets"],
+        }
+        ok = (
+            checks["connections_failed"] == 0
+            and checks["connections_lost"] == 0
+            and checks["missing_deliveries"] == 0
+            and checks["extra_deliveries"] == 0
+            and checks["bad_frames"] == 0
+            and checks["sample_gaps"] == 0
+            and checks["sample_duplicates"] == 0
+            and checks["sample_checked"] > 0
+        )
+        return {
+            "server": target.name,
+            "channels": channels,
+            "subscribers": args.subscribers,
+            "subscribers_per_message": fanout,
+            "open_seconds": round(opened["seconds"], 2),
+            "backlog_drain_s": round(drain_s, 1),
+            "phases": phases,
+            "checks": checks,
+            "checks_ok": ok,
+        }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = [
+        (
+            "server",
+            "subscribers × channels",
+            "per msg",
+            "ingested msgs/s (max)",
+            "deliveries/s",
+            "server CPU",
+            "RabbitMQ CPU",
+            "p50 / p99 ms @50%",
+            "gaps+dups",
+            "missing",
+        )
+    ]
+    for run in report["runs"]:
+        m, h, c = run["phases"]["max"], run["phases"]["half"], run["checks"]
+        rows.append(
+            (
+                run["server"],
+                f"{run['subscribers']:,} × {run['channels']:,}",
+                str(run["subscribers_per_message"]),
+                f"{m['ingested_per_s']:,}",
+                f"{m['delivered_per_s']:,}",
+                f"{m['node_cpu_pct']:.0f}%",
+                f"{m['rabbit_cpu_pct']:.0f}%",
+                f"{h['latency_ms_p50']} / {h['latency_ms_p99']}",
+                str(c["sample_gaps"] + c["sample_duplicates"]),
+                str(c["missing_deliveries"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    print(
+        "\ntargets:",
+        ", ".join(
+            f"{name} {'OK' if met else 'MISSED'}" for name, met in report["targets_met"].items()
+        ),
+    )
+
+
+def targets_met(report: dict[str, Any]) -> dict[str, bool]:
+    met: dict[str, bool] = {}
+    for run in report["runs"]:
+        if run["server"] != "hub":
+            met[f"counting_{run['server']}_c{run['channels']}"] = run["checks_ok"]
+            continue
+        c = run["channels"]
+        rate = run["phases"]["max"]["ingested_per_s"]
+        met[f"ingested_per_s_c{c}"] = rate >= TARGETS["ingested_per_s"]
+        p99 = run["phases"]["half"]["latency_ms_p99"]
+        met[f"p99_at_half_load_c{c}"] = p99 is not None and p99 <= TARGETS["p99_ms_at_half_load"]
+        met[f"counting_c{c}"] = run["checks_ok"]
+    return met
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_hub(
+    args: argparse.Namespace, vhost: Any, overrides: dict[str, str], report: dict[str, Any]
+) -> None:
+    with NodeProcess(port=free_port(), cpu=args.node_cpu, env_overrides=overrides) as node:
+        node.create_user(USER_EMAIL, PASSWORD)
+        node.start()
+        token = node.login(USER_EMAIL, PASSWORD)
+        deadline = time.monotonic() + 30
+        while True:  # the node declares the queue when its consumer connects
+            try:
+                queue_depth(vhost.url)
+                break
+            except pika.exceptions.ChannelClosedByBroker:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the node never declared hub.notifications") from None
+                time.sleep(0.1)  # waiting for a child process, not a test
+        if args.warm:
+            # Size-bound structures (the broker's 100k-entry id window, history) reach their
+            # steady state only after that many messages: measure that state, not a fresh node.
+            print(f"hub: warming up with {args.warm:,} messages …", flush=True)
+            tag = f"warm.{os.getpid()}"
+            producer = Producer(ProducerConfig(vhost.url, 0, tag, 1, 100, None))
+            producer.fill(args.warm)
+            producer.connection.close()
+            deadline = time.monotonic() + SETTLE_TIMEOUT_S
+            while queue_depth(vhost.url) and time.monotonic() < deadline:
+                time.sleep(SETTLE_POLL_S)
+        report["node_rss_kb_at_start"] = rss_kb(node.pid)
+        spec = hub_subscriber_spec("127.0.0.1", node.port, token, f"{CHANNEL_PREFIX}0")
+        hub = Target("hub", node.pid, spec, vhost)
+        for channels in args.channels:
+            print(f"hub: {args.subscribers} subscribers on {channels} channels …")
+            report["runs"].append(run_layout(args, hub, channels))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tests.ingest.rabbit import Vhost  # the tests' vhost helper (rabbitmqctl or HTTP API)
+
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    raise_nofile()
+    started = datetime.now(UTC)
+    report: dict[str, Any] = {
+        "benchmark": "ingest",
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(
+            [
+                os.path.basename(sys.executable),
+                "-m",
+                "benchmarks.ingest",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
+        "machine": machine_info(),
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "targets": TARGETS,
+        "runs": [],
+    }
+    vhost = Vhost(name=f"hub-bench-{os.getpid()}")
+    vhost.create()
+    overrides = {"AMQP_URL": vhost.url, "LOG_LEVEL": "WARNING", "AMQP_RECONNECT_MAX_S": "0.5"}
+    if args.prefetch:
+        overrides["AMQP_PREFETCH"] = str(args.prefetch)
+    try:
+        if "hub" in args.servers:
+            run_hub(args, vhost, overrides, report)
+        if "socketio" in args.servers and not peer_available():
+            print("socketio peer skipped: pip install -e '.[bench]'")
+        elif "socketio" in args.servers:
+            port = free_port()
+            with PeerProcess(port, vhost.url, cpu=args.node_cpu) as peer:
+                peer.start()
+                target = Target("socketio", peer.pid, peer_spec(port), vhost)
+                for channels in args.channels:
+                    print(f"socketio peer: {args.subscribers} subscribers on {channels} channels …")
+                    report["runs"].append(run_layout(args, target, channels))
+    finally:
+        vhost.delete()
+    report["targets_met"] = targets_met(report)
+    report["seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print_table(report)
+    print(f"\nwrote {args.out}")
+    return 0 if all(run["checks_ok"] for run in report["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

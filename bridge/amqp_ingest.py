@@ -1,0 +1,301 @@
+"""The RabbitMQ side of ingest (SPEC §4): topology, the consumer, acks and dead letters.
+
+:class:`IngestConsumer` is the :class:`~bridge.amqp_connection.LinkHandler` of the
+ingest link. In the link thread it declares the topology, consumes ``hub.notifications``
+with manual acks and a prefetch, and hands each round of deliveries to trio as one
+batch (``trio.from_thread.run(send.send, batch)``). The trio side
+(:mod:`actors.ingest`) acks through :meth:`IngestConsumer.ack_upto` and dead-letters
+through :meth:`IngestConsumer.dead_letter`, both submitted with
+:meth:`~bridge.amqp_connection.AmqpLink.call_soon`, so they run in the link thread in
+the order they were submitted: a dead letter is always published (and confirmed)
+before the ack that covers the original.
+
+Topology (all durable)::
+
+    exchange hub.notifications (topic) --#--> queue hub.notifications
+                                               x-dead-letter-exchange=hub.dlx
+    exchange hub.dlx (topic) --#--> queue hub.notifications.dead
+
+Dead letters: the hub publishes an invalid message itself to ``hub.dlx`` (same routing
+key, body and properties, with ``x-hub-reason`` and ``x-hub-reason-detail`` headers
+added) on a channel in confirm mode, then acks the original. The queue's own
+``x-dead-letter-exchange`` catches what the broker dead-letters by itself (a TTL or
+length limit set by an operator policy); those carry RabbitMQ's ``x-death`` header
+instead of ``x-hub-reason``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+import pika.exceptions
+import trio
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.spec import Basic, BasicProperties
+
+from bridge.amqp_connection import LinkStop
+
+__all__ = [
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "EXCHANGE",
+    "QUEUE",
+    "Delivery",
+    "IngestConsumer",
+    "declare_ingest_topology",
+]
+
+log = logging.getLogger("hub.bridge.amqp_ingest")
+
+EXCHANGE = "hub.notifications"
+QUEUE = "hub.notifications"
+DEAD_LETTER_EXCHANGE = "hub.dlx"
+DEAD_LETTER_QUEUE = "hub.notifications.dead"
+#: Seconds one hand-off to trio may wait for room before the thread services the
+#: connection (heartbeats, broker close) and tries again.
+HANDOFF_WAIT_S = 0.25
+#: Longest ``x-hub-reason-detail`` header value.
+MAX_DETAIL_CHARS = 500
+
+_PERSISTENT = 2  # delivery_mode: persistent
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as received. ``tag`` is only meaningful within ``generation``."""
+
+    generation: int
+    tag: int
+    body: bytes
+    properties: BasicProperties
+    routing_key: str
+    exchange: str
+    redelivered: bool
+
+
+def _declare_queue(
+    connection: BlockingConnection, channel: BlockingChannel, name: str, arguments: dict[str, Any]
+) -> BlockingChannel:
+    """Declare ``name`` durable with ``arguments``; when it already exists with other
+    arguments, use it as it is (a warning) rather than refusing to start. Returns the
+    channel to keep using (the broker closes the first one on a mismatch)."""
+    try:
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        return channel
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED
+            raise
+        log.warning(
+            "queue %s exists with other arguments than %s; using it as it is (%s)",
+            name,
+            arguments,
+            exc.reply_text,
+        )
+        channel = connection.channel()
+        channel.queue_declare(name, passive=True)
+        return channel
+
+
+def _declare_exchange(
+    connection: BlockingConnection, channel: BlockingChannel, name: str
+) -> BlockingChannel:
+    """Declare topic exchange ``name``; one that exists with another type is used as it
+    is (a warning), like :func:`_declare_queue`."""
+    try:
+        channel.exchange_declare(name, exchange_type="topic", durable=True)
+        return channel
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        log.warning("exchange %s exists with other properties; using it as it is", name)
+        channel = connection.channel()
+        channel.exchange_declare(name, passive=True)
+        return channel
+
+
+def declare_ingest_topology(
+    connection: BlockingConnection, channel: BlockingChannel
+) -> BlockingChannel:
+    """Declare the exchanges, queues and bindings of the module docstring (idempotent).
+
+    Returns:
+        The channel to keep using (see :func:`_declare_queue`).
+    """
+    channel = _declare_exchange(connection, channel, EXCHANGE)
+    channel = _declare_exchange(connection, channel, DEAD_LETTER_EXCHANGE)
+    channel = _declare_queue(connection, channel, DEAD_LETTER_QUEUE, {})
+    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="#")
+    channel = _declare_queue(
+        connection, channel, QUEUE, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    )
+    channel.queue_bind(QUEUE, EXCHANGE, routing_key="#")
+    return channel
+
+
+class IngestConsumer:
+    """Consumes ``hub.notifications`` in the link thread and feeds batches to trio.
+
+    Args:
+        send: where batches of :class:`Delivery` go (a bounded trio memory channel).
+        prefetch: unacked deliveries the broker may push (``basic_qos``).
+        node_id: written into dead letters (``x-hub-node``).
+
+    Backpressure:
+        ``on_events`` blocks the link thread in ``trio.from_thread.run(send.send, …)``
+        while the memory channel is full (waking every :data:`HANDOFF_WAIT_S` to service
+        heartbeats); the broker stops at ``prefetch`` unacked deliveries.
+    """
+
+    def __init__(
+        self, send: trio.MemorySendChannel[list[Delivery]], *, prefetch: int, node_id: str
+    ) -> None:
+        self._send = send
+        self._prefetch = prefetch
+        self._node_id = node_id
+        self._token = trio.lowlevel.current_trio_token()
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._dlx_channel: BlockingChannel | None = None
+        self._generation = 0
+        self._buffer: list[Delivery] = []
+        self._cancelled = False
+        self.dead_lettered = 0
+
+    # -- LinkHandler -------------------------------------------------------------------
+    def on_connected(self, connection: BlockingConnection, generation: int) -> None:
+        channel = declare_ingest_topology(connection, connection.channel())
+        channel.basic_qos(prefetch_count=self._prefetch)
+        dlx_channel = connection.channel()
+        dlx_channel.confirm_delivery()
+        self._generation = generation
+        self._cancelled = False
+        channel.add_on_cancel_callback(self._on_cancelled)
+        channel.basic_consume(QUEUE, self._on_message, auto_ack=False)
+        self._channel, self._dlx_channel = channel, dlx_channel
+        self._connection = connection
+
+    def on_events(self) -> None:
+        if self._cancelled:
+            raise pika.exceptions.ConsumerCancelled("the broker cancelled the consumer")
+        for channel in (self._channel, self._dlx_channel):
+            if channel is not None and channel.is_closed:  # closed by the broker: start over
+                raise pika.exceptions.ChannelClosed(0, "an ingest channel was closed")
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        while True:
+            try:
+                if trio.from_thread.run(self._offer, batch, trio_token=self._token):
+                    return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
+                raise LinkStop("ingest stopped") from None
+            except trio.Cancelled:
+                raise LinkStop("ingest cancelled") from None
+            # trio is still busy: keep the connection serviced (heartbeats, a close from
+            # the broker, acks queued by trio) while we wait. New deliveries only go to
+            # the buffer, which the prefetch bounds.
+            assert self._connection is not None
+            self._connection.process_data_events(time_limit=0)
+
+    async def _offer(self, batch: list[Delivery]) -> bool:
+        """In trio: queue ``batch``, or give up after :data:`HANDOFF_WAIT_S`."""
+        with trio.move_on_after(HANDOFF_WAIT_S):
+            await self._send.send(batch)
+            return True
+        return False
+
+    def on_disconnected(self) -> None:
+        self._channel = self._dlx_channel = None
+        self._connection = None
+        self._buffer = []
+
+    def _on_message(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._buffer.append(
+            Delivery(
+                self._generation,
+                method.delivery_tag,
+                body,
+                properties,
+                method.routing_key,
+                method.exchange,
+                method.redelivered,
+            )
+        )
+
+    def _on_cancelled(self, frame: Any) -> None:
+        # The queue was deleted or the node is going away: reconnect (and redeclare).
+        log.warning("RabbitMQ cancelled the ingest consumer; reconnecting")
+        self._cancelled = True
+
+    # -- called in the link thread through AmqpLink.call_soon ---------------------------
+    def ack_upto(self, generation: int, tag: int) -> None:
+        """Ack every delivery of ``generation`` up to ``tag`` (``multiple=True``).
+
+        Ignored when the connection of that generation is gone: the broker has already
+        requeued those deliveries, and they come back (and are deduplicated).
+        """
+        channel = self._channel
+        if generation != self._generation or channel is None or not channel.is_open:
+            return
+        channel.basic_ack(delivery_tag=tag, multiple=True)
+
+    def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+        """Publish ``delivery`` to ``hub.dlx`` with the reason headers and wait for the
+        broker's confirm. The ack of the original is submitted after this call by the
+        trio side, so it reaches the broker only after the dead letter is stored.
+
+        A nack from the broker is logged and the original is still acked: an invalid
+        message is never redelivered in a loop.
+        """
+        channel = self._dlx_channel
+        if delivery.generation != self._generation or channel is None or not channel.is_open:
+            return  # the original is redelivered and judged again
+        props = delivery.properties
+        headers = dict(props.headers or {})
+        headers.update(
+            {
+                "x-hub-reason": reason,
+                "x-hub-reason-detail": detail[:MAX_DETAIL_CHARS],
+                "x-hub-original-exchange": delivery.exchange,
+                "x-hub-original-routing-key": delivery.routing_key,
+                "x-hub-node": self._node_id,
+                "x-hub-dead-lettered-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+        )
+        dead_props = BasicProperties(
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            headers=headers,
+            delivery_mode=_PERSISTENT,
+            priority=props.priority,
+            correlation_id=props.correlation_id,
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+            type=props.type,
+            app_id=props.app_id,
+        )
+        try:
+            channel.basic_publish(
+                DEAD_LETTER_EXCHANGE,
+                delivery.routing_key,
+                delivery.body,
+                dead_props,
+                mandatory=True,
+            )
+            self.dead_lettered += 1
+        except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
+            log.error(
+                "RabbitMQ refused the dead letter (%s); the invalid message is dropped",
+                type(exc).__name__,
+                extra={"reason": reason, "routing_key": delivery.routing_key},
+            )
