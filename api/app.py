@@ -1,4 +1,5 @@
-"""The quart-trio application: envelope, request ids, error mapping, health and readiness.
+"""The quart-trio application: envelope, request ids, error mapping, health, readiness and
+metrics.
 
 ``create_app(node)`` builds a fresh app bound to one running :class:`hub.node.Node`; there
 is no module-level app and no global state. Blueprints reach the node through
@@ -13,7 +14,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from quart import g, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -23,8 +24,6 @@ from hub.logs import request_id_var
 from storage.base import StorageUnavailable
 
 if TYPE_CHECKING:
-    from quart import Response
-
     from hub.node import Node
 
 log = logging.getLogger("hub.api")
@@ -73,16 +72,19 @@ def create_app(node: Node) -> HubApp:
         if request_id:
             response.headers["X-Request-ID"] = request_id
         started = getattr(g, "started", None)
+        duration = time.perf_counter() - started if started is not None else None
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        if duration is not None:
+            node.metrics.observe_request(request.method, rule, response.status_code, duration)
+        decision = g.get("rate_decision")
+        if decision is not None and not decision.allowed:
+            node.metrics.observe_rate_limited(g.get("rate_group", "unknown"))
         log.info(
             "%s %s %s",
             request.method,
             request.full_path.rstrip("?"),
             response.status_code,
-            extra={
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)
-                if started is not None
-                else None
-            },
+            extra={"duration_ms": round(duration * 1000, 2) if duration is not None else None},
         )
         return response
 
@@ -138,6 +140,11 @@ def create_app(node: Node) -> HubApp:
                 )
             )
         return success({"status": "ready", "checks": checks})
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        body, content_type = node.metrics.exposition(request.headers.get("Accept"))
+        return Response(body, status=200, content_type=content_type)
 
     from api.routes import register_routes
 

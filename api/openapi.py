@@ -28,7 +28,15 @@ TITLE = "notification-hub API"
 VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
 _CONVERTER_RE = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")
-_SKIP_ENDPOINTS = {"static", "docs.openapi_json", "docs.docs"}
+#: Not REST operations: the docs themselves, Prometheus text and the admin page's files.
+_SKIP_ENDPOINTS = {
+    "static",
+    "docs.openapi_json",
+    "docs.docs",
+    "metrics",
+    "admin_page.index",
+    "admin_page.asset",
+}
 _SKIP_METHODS = {"HEAD", "OPTIONS"}
 _ERROR_TEXT = {
     400: "Validation error",

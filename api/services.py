@@ -140,13 +140,17 @@ async def open_api_services(node: Node, *, redis_prefix: str = "") -> AsyncItera
         if settings.amqp_url:  # SPEC §4: queue ``email_queue`` on RabbitMQ
             from bridge.email_queue_amqp import open_amqp_email_queue
 
-            queue = await stack.enter_async_context(
+            amqp_queue = await stack.enter_async_context(
                 open_amqp_email_queue(
                     settings.amqp_url,
                     node_id=settings.hub_node_id,
                     reconnect_max_s=settings.amqp_reconnect_max_s,
                 )
             )
+            # /ready names RabbitMQ while the e-mail link is down (the ingest, when the
+            # node runs it, registers its own link under the same name).
+            node.ready_checks.setdefault("rabbitmq", amqp_queue.check_ready)
+            queue = amqp_queue
         else:  # the same worker on an in-process durable queue
             queue = await stack.enter_async_context(
                 open_local_email_queue(settings.hub_data_dir / "email_queue")

@@ -92,6 +92,7 @@ async def _limit() -> None:
         return
     app = cast("HubApp", current_app)
     group = _group_of_request()
+    g.rate_group = group  # read by the metrics (429s by group)
     services = app.node.services
     decision = await services.rate_limiter.hit(
         group, _identifier(group), services.settings.rate(group)

@@ -55,4 +55,5 @@ start_if_down RabbitMQ 127.0.0.1 5672 90 rabbitmq-server -detached
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 .venv/bin/ruff check --quiet .
+scripts/install-browser.sh  # Chromium + chromedriver for tests/e2e (never fails the run)
 .venv/bin/python -m pytest "$@"
