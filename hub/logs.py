@@ -105,5 +105,8 @@ def configure_logging(level: str, node_id: str, fmt: str = "json") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("hypercorn.access", "pika", "asyncio"):
+    for noisy in ("hypercorn.access", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pika logs every failed reconnect as several ERROR lines with tracebacks; the AMQP
+    # link logs one warning per attempt itself.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -19,10 +19,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from hub.metrics import NodeMetrics
 from hub.settings import Settings
+from hub.supervisor import supervise
 
 if TYPE_CHECKING:
+    from actors.ingest import IngestActor
     from actors.realtime import Realtime
+    from actors.webhook_dispatcher import WebhookDispatcher
     from api.services import ApiServices
     from bridge.aio import AsyncioThread
     from storage.base import Storage
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hub.node")
 
 READY_CHECK_TIMEOUT_S = 2.0
+STORAGE_WAIT_S = 60.0
 
 ReadyCheck = Callable[[], Awaitable[None]]
 
@@ -44,10 +49,13 @@ class Node:
         self.storage: Storage
         self.services: ApiServices
         self.realtime: Realtime
+        self.webhooks: WebhookDispatcher
+        self.ingest: IngestActor | None = None
         self.nursery: trio.Nursery
         self.ready_checks: dict[str, ReadyCheck] = {}
         self.bound: list[tuple[str, int]] = []
         self.redis_prefix = ""
+        self.metrics = NodeMetrics(self)
 
     async def check_ready(self) -> dict[str, bool]:
         """Run every readiness check concurrently; a check that raises or takes longer
@@ -81,31 +89,71 @@ async def open_node(
         storage_schema: PostgreSQL schema to use (tests isolate themselves with it).
         redis_prefix: prepended to every Redis key of this node (tests isolate with it).
     """
+    from actors.ingest import open_ingest
     from actors.realtime import open_realtime
+    from actors.webhook_dispatcher import open_webhooks
     from api.services import open_api_services
     from storage import open_storage
 
     node = Node(settings)
     node.redis_prefix = redis_prefix
-    async with AsyncExitStack() as stack:
-        node.nursery = await stack.enter_async_context(trio.open_nursery())
-        if settings.uses_postgres:
-            from bridge.aio import open_asyncio_thread
-
-            node.aio = await stack.enter_async_context(open_asyncio_thread(name="hub-aio"))
-        node.storage = await stack.enter_async_context(
-            open_storage(settings, node.aio, schema=storage_schema)
-        )
-        applied = await node.storage.migrate()
-        if applied:
-            log.info("applied migrations %s", ", ".join(applied))
-        node.ready_checks["storage"] = node.storage.ping
-        node.services = await stack.enter_async_context(open_api_services(node))
-        node.realtime = await stack.enter_async_context(open_realtime(node))
+    async with trio.open_nursery() as root:
+        # Background tasks live in their own nursery so that they can be cancelled
+        # first, and the services below then close without a pending cancellation
+        # (which would turn every awaited close into Cancelled and hide real errors).
+        node.nursery = await root.start(_host_tasks)
         try:
-            yield node
+            async with AsyncExitStack() as stack:
+                await node.nursery.start(
+                    supervise, "loop-lag-monitor", node.metrics.run_loop_monitor
+                )
+                if settings.uses_postgres:
+                    from bridge.aio import open_asyncio_thread
+
+                    node.aio = await stack.enter_async_context(open_asyncio_thread(name="hub-aio"))
+                node.storage = await stack.enter_async_context(
+                    open_storage(settings, node.aio, schema=storage_schema)
+                )
+                applied = await _migrate(node.storage)
+                if applied:
+                    log.info("applied migrations %s", ", ".join(applied))
+                node.ready_checks["storage"] = node.storage.ping
+                node.services = await stack.enter_async_context(open_api_services(node))
+                node.realtime = await stack.enter_async_context(open_realtime(node))
+                node.webhooks = await stack.enter_async_context(open_webhooks(node))
+                # Last: a RabbitMQ message may arrive at once and needs all of the above.
+                node.ingest = await stack.enter_async_context(open_ingest(node))
+                try:
+                    yield node
+                finally:
+                    node.nursery.cancel_scope.cancel()
         finally:
-            node.nursery.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+
+
+async def _host_tasks(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    """Own the node's background tasks until cancelled."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+async def _migrate(storage: Storage) -> list[str]:
+    """Apply migrations, waiting for the database while it is unreachable at start
+    (containers often start before their database), up to :data:`STORAGE_WAIT_S`."""
+    from storage.base import StorageUnavailable
+
+    deadline = trio.current_time() + STORAGE_WAIT_S
+    delay = 0.5
+    while True:
+        try:
+            return await storage.migrate()
+        except StorageUnavailable as error:
+            if trio.current_time() + delay > deadline:
+                raise
+            log.warning("storage unavailable at start (%s); retrying in %.1fs", error, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def serve_node(
@@ -129,10 +177,17 @@ async def serve_node(
     )
     door = FrontDoor(app, config, node.realtime.handle_websocket)
 
+    async def drain() -> None:
+        # Stop taking RabbitMQ messages first (in-flight ones finish and are acked),
+        # then close the WebSockets.
+        if node.ingest is not None:
+            await node.ingest.stop()
+        await node.realtime.drain()
+
     await door.serve(
         host,
         port,
         shutdown=shutdown,
-        before_http_drain=node.realtime.drain,
+        before_http_drain=drain,
         task_status=task_status,
     )

@@ -71,6 +71,24 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="redis://… ; unset → in-process broker.")
     amqp_url: str | None = Field(None, description="amqp://… ; unset → no RabbitMQ.")
+    amqp_prefetch: int = Field(
+        1000, ge=1, le=65535, description="Unacked RabbitMQ messages the ingest consumer holds."
+    )
+    amqp_ack_batch: int = Field(
+        200, ge=1, description="Ingest acks this many messages at once (at most prefetch/2)."
+    )
+    amqp_ack_interval_ms: float = Field(
+        5.0, gt=0, le=60_000, description="Ingest flushes its acks at least this often (ms)."
+    )
+    amqp_reconnect_max_s: float = Field(
+        10.0, gt=0, le=300, description="Cap of the RabbitMQ reconnect backoff."
+    )
+    amqp_dedupe_ttl_s: float = Field(
+        600.0, gt=0, description="A repeated message id within this window reaches clients once."
+    )
+    amqp_dedupe_max_keys: int = Field(
+        2_000_000, ge=1000, description="Ids the in-memory dedupe holds at most."
+    )
     jwt_secret_key: str | None = Field(
         None,
         description="HS256 key, at least 32 bytes. Required with DATABASE_URL; otherwise one is "
@@ -133,7 +151,14 @@ class Settings(BaseSettings):
     )
     webhook_secret_key: str | None = Field(
         None,
-        description="Key that encrypts webhook secrets at rest.",
+        description="Key (at least 32 bytes) that encrypts webhook secrets at rest. Unset: "
+        "derived from JWT_SECRET_KEY with PostgreSQL, else generated and kept in HUB_DATA_DIR.",
+    )
+    webhook_retry_base_s: float = Field(
+        30.0, gt=0, le=3600, description="First webhook retry delay; doubles on each retry."
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=60, description="Seconds one webhook attempt may take."
     )
     db_pool_size: int = Field(20, ge=1, description="PostgreSQL pool size.")
     shutdown_timeout_s: float = Field(
@@ -205,7 +230,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with amqp://")
         return value or None
 
-    @field_validator("jwt_secret_key")
+    @field_validator("jwt_secret_key", "webhook_secret_key")
     @classmethod
     def _secret(cls, value: str | None) -> str | None:
         if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
@@ -241,7 +266,10 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> Path:
         if self.database_url and self.database_url.startswith("sqlite:"):
-            return Path(self.database_url.split(":", 1)[1].lstrip("/") or "hub.db").resolve()
+            # SQLAlchemy's convention: sqlite:///relative.db, sqlite:////absolute/path.db
+            rest = self.database_url.removeprefix("sqlite:")
+            rest = rest[3:] if rest.startswith("///") else rest.lstrip("/")
+            return Path(rest or "hub.db").resolve()
         return self.hub_data_dir / "hub.db"
 
     @property
@@ -253,6 +281,28 @@ class Settings(BaseSettings):
         if self.jwt_secret_key:
             return self.jwt_secret_key
         path = self.hub_data_dir / "jwt_secret"
+        if path.exists():
+            return path.read_text().strip()
+        self.hub_data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key
+
+    def resolved_webhook_key(self) -> str:
+        """Key material for sealing webhook secrets (``bridge.secretbox``).
+
+        ``WEBHOOK_SECRET_KEY`` when set. Otherwise, with PostgreSQL, the JWT key (every
+        node has the same one; the secret box derives its AES key with HKDF under its
+        own label, so the two keys are unrelated, but rotating ``JWT_SECRET_KEY`` then
+        makes stored webhook secrets unreadable: set ``WEBHOOK_SECRET_KEY`` in
+        production). With SQLite, one generated once and kept in ``HUB_DATA_DIR``.
+        """
+        if self.webhook_secret_key:
+            return self.webhook_secret_key
+        if self.uses_postgres:
+            return self.resolved_jwt_secret()
+        path = self.hub_data_dir / "webhook_key"
         if path.exists():
             return path.read_text().strip()
         self.hub_data_dir.mkdir(parents=True, exist_ok=True)
