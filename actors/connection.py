@@ -210,6 +210,8 @@ class ConnectionActor:
         """
         if not self._closing:
             self._write(frame)
+        else:
+            self._hub.dropped["closing"] += 1
 
     def close_soon(self, code: int, reason: str | None = None) -> None:
         """Ask the actor to close with ``code``. Idempotent: the first code wins."""
@@ -638,6 +640,7 @@ class ConnectionActor:
         queue = self._queue
         if queue is None:
             return
+        self._hub.dropped["slow_consumer"] += len(queue) - (1 if self._head_offset else 0)
         if self._head_offset:
             head = queue[0]
             queue.clear()

@@ -10,7 +10,9 @@ channel, and receives every publication (and every gap: 4011) from the broker
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -69,6 +71,11 @@ class Hub:
         self.delivered = 0
         self.publications = 0
         self.gaps = 0
+        #: frames not written, by reason ("slow_consumer": queued when closed with 4009;
+        #: "closing": published to a connection already closing)
+        self.dropped: Counter[str] = Counter()
+        #: called with the seconds one publication's fan-out took (the metrics histogram)
+        self.on_fanout: Callable[[float], None] | None = None
         self.closed: Counter[int] = Counter()
 
     # -- connections -------------------------------------------------------------------
@@ -174,10 +181,14 @@ class Hub:
         actor = self.channels.get(channel)
         if actor is None or actor.state is ChannelState.CLOSING:
             return
+        on_fanout = self.on_fanout
+        started = time.perf_counter() if on_fanout is not None else 0.0
         try:
             self.delivered += actor.broadcast(publication)
         except Exception:  # a bug in fan-out must not fail the publisher
             log.exception("fan-out to channel %s failed", channel)
+        if on_fanout is not None:
+            on_fanout(time.perf_counter() - started)
 
     def handle_gap(self, channel: str) -> None:
         """:class:`~bridge.broker.BrokerEventHandler`: this node may have missed
@@ -241,6 +252,7 @@ class Hub:
             "gaps": self.gaps,
             "closed": dict(self.closed),
             "closing": dict(closing),
+            "dropped": dict(self.dropped),
         }
 
 

@@ -456,6 +456,7 @@ async def open_realtime(node: Node) -> AsyncIterator[Realtime]:
         block aborts any still open.
     """
     hub = Hub()
+    hub.on_fanout = node.metrics.observe_fanout
     async with open_broker(node.settings, hub, redis_prefix=node.redis_prefix) as broker:
         hub.broker = broker
         if node.settings.redis_url:

@@ -102,6 +102,9 @@ async def test_metrics_move_with_traffic(hub_node: RunningNode) -> None:
     assert after.value("hub_messages_fanout_total") == 4
     assert after.value("hub_messages_delivered_total") == 3 * 2 + 1
     assert after.value("hub_messages_dropped_total", reason="duplicate") == 1
+    # every publication that reached a channel with local subscribers was timed
+    assert after.value("hub_fanout_duration_seconds_count") == 4
+    assert after.value("hub_fanout_duration_seconds_sum") > 0
 
     publish = {"method": "POST", "route": "/api/v1/notifications", "status": "202"}
     assert after.value("hub_http_request_duration_seconds_count", **publish) == 5

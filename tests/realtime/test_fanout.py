@@ -150,6 +150,8 @@ async def test_slow_reader_is_closed_with_4009_while_others_keep_their_latency(
                 break
             seqs.append(frame.json()["data"]["seq"])
     assert seqs == list(range(len(seqs))) and len(seqs) < published
+    stats = realtime.hub.statistics()
+    assert stats["dropped"]["slow_consumer"] > 0  # what was queued for it was let go
     await slow.aclose()
     with trio.fail_after(10):
         await realtime.hub.wait_empty()
