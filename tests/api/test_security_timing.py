@@ -14,11 +14,11 @@ from tests.harness import RunningNode, unique_email
 
 HEALTH_BUDGET_S = 0.050
 CONCURRENT_LOGINS = 20
-#: With bcrypt on the loop each probe caught behind a hash would wait ~100 ms (cost 10);
-#: off the loop the bulk answers in a few ms. The 95th percentile is compared with the
-#: budget because the slowest probe also measures the machine (a shared 2-core box under
-#: load shows 40-80 ms stalls with no login at all).
-PERCENTILE = 0.95
+#: With bcrypt on the loop each probe caught behind a hash would wait ~250 ms (cost 12);
+#: off the loop the bulk answers in a few ms. The 99th percentile of thousands of probes
+#: is compared with the budget because the single slowest probe also measures the machine
+#: (a shared 2-core box under load shows 40-80 ms stalls with no login at all).
+PERCENTILE = 0.99
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def backend() -> str:
     return "sqlite"
 
 
-@pytest.mark.parametrize("node_overrides", [{"bcrypt_rounds": 10}])
+@pytest.mark.parametrize("node_overrides", [{"bcrypt_rounds": 12}])  # the production cost
 async def test_health_answers_within_50ms_during_20_concurrent_logins(
     hub_node: RunningNode, node_overrides: dict[str, Any]
 ) -> None:
@@ -59,13 +59,13 @@ async def test_health_answers_within_50ms_during_20_concurrent_logins(
     assert statuses == [200] * CONCURRENT_LOGINS
     assert len(latencies) >= 10
     latencies.sort()
-    p95 = latencies[int(len(latencies) * PERCENTILE)]
+    p99 = latencies[int(len(latencies) * PERCENTILE)]
     print(
-        f"/health during {CONCURRENT_LOGINS} logins (bcrypt 10): {len(latencies)} probes, "
-        f"median {statistics.median(latencies) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, "
+        f"/health during {CONCURRENT_LOGINS} logins (bcrypt 12): {len(latencies)} probes, "
+        f"median {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
         f"max {latencies[-1] * 1000:.1f} ms"
     )
-    assert p95 < HEALTH_BUDGET_S
+    assert p99 < HEALTH_BUDGET_S
 
 
 @pytest.mark.parametrize("node_overrides", [{"bcrypt_rounds": 10}])
