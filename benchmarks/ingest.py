@@ -88,6 +88,9 @@ from benchmarks.loadgen import (
     pin_to_cpu,
     raise_nofile,
     rss_kb,
+    settle_pool,
+    totals,
+    window_rate,
 )
 from bridge.amqp_ingest import EXCHANGE, QUEUE
 
@@ -436,38 +439,11 @@ class Probe:
         }
 
 
-def window_rate(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
-    total = 0.0
-    for a, b in zip(before, after, strict=True):
-        if b["t"] > a["t"]:
-            total += (b["text_frames"] - a["text_frames"]) / (b["t"] - a["t"])
-    return total
-
-
-def totals(snaps: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("text_frames", "bad_frames", "dead", "open", "gaps", "duplicates", "resets", "checked")
-    result: dict[str, Any] = {k: sum(s[k] for s in snaps) for k in keys}
-    codes: dict[str, int] = {}
-    for snap in snaps:
-        for code, count in snap["close_codes"].items():
-            codes[str(code)] = codes.get(str(code), 0) + count
-    result["close_codes"] = codes
-    return result
-
-
 def settle(pool: RotatingPool, expected: int) -> list[dict[str, Any]]:
     """Snapshot until ``expected`` frames arrived or nothing moved for 5 s."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    last, still_since = -1, time.monotonic()
-    while True:
-        snaps = pool.snapshot()
-        received = sum(s["text_frames"] for s in snaps)
-        now = time.monotonic()
-        if received >= expected or now > deadline or now - still_since > 5.0:
-            return snaps
-        if received != last:
-            last, still_since = received, now
-        time.sleep(SETTLE_POLL_S)
+    return settle_pool(
+        pool, expected, timeout_s=SETTLE_TIMEOUT_S, still_s=5.0, poll_s=SETTLE_POLL_S
+    )
 
 
 def ms(value: float | None) -> float | None:

@@ -55,7 +55,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 
@@ -1385,3 +1385,48 @@ def cleanup_on_exit(*stoppables: Callable[[], None]) -> Iterator[None]:
         for stop in stoppables:
             with contextlib.suppress(Exception):
                 stop()
+
+
+class SnapshotSource(Protocol):
+    """Anything whose workers report counters as a list of snapshots."""
+
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
+
+def window_rate(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
+    """Delivered frames/s summed over workers (each over its own snapshot interval)."""
+    total = 0.0
+    for a, b in zip(before, after, strict=True):
+        if b["t"] > a["t"]:
+            total += (b["text_frames"] - a["text_frames"]) / (b["t"] - a["t"])
+    return total
+
+
+def totals(snaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counters summed over workers, close codes merged."""
+    keys = ("text_frames", "bad_frames", "dead", "open", "gaps", "duplicates", "resets", "checked")
+    result: dict[str, Any] = {k: sum(s[k] for s in snaps) for k in keys}
+    codes: dict[str, int] = {}
+    for snap in snaps:
+        for code, count in snap["close_codes"].items():
+            codes[str(code)] = codes.get(str(code), 0) + count
+    result["close_codes"] = codes
+    return result
+
+
+def settle_pool(
+    pool: SnapshotSource, expected: int, *, timeout_s: float, still_s: float, poll_s: float = 0.25
+) -> list[dict[str, Any]]:
+    """Snapshot until ``expected`` frames arrived, nothing moved for ``still_s`` seconds,
+    or ``timeout_s`` passed; returns the last snapshots."""
+    deadline = time.monotonic() + timeout_s
+    last, still_since = -1, time.monotonic()
+    while True:
+        snaps = pool.snapshot()
+        received = sum(s["text_frames"] for s in snaps)
+        now = time.monotonic()
+        if received >= expected or now > deadline or now - still_since > still_s:
+            return snaps
+        if received != last:
+            last, still_since = received, now
+        time.sleep(poll_s)
