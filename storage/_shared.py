@@ -105,3 +105,21 @@ def check_outcome(status: DeliveryStatus, next_attempt_at: datetime | None) -> N
     """
     if (status is DeliveryStatus.PENDING) != (next_attempt_at is not None):
         raise ValueError("next_attempt_at is required for pending, and only for pending")
+
+
+# Column lists and ORDER BY directions both backends select with (same schema).
+ORDER_SQL = {"asc": "ASC", "desc": "DESC"}
+
+USER_COLUMNS = (
+    "id, email, password_hash, full_name, avatar_url, is_verified, is_active, role, "
+    "created_at, updated_at, deleted_at"
+)
+SESSION_COLUMNS = (
+    "id, user_id, token_hash, created_at, expires_at, rotated_at, revoked_at, "
+    "revoked_reason, ip_address, user_agent"
+)
+WEBHOOK_COLUMNS = "id, url, events, description, secret_ciphertext, created_at, updated_at"
+DELIVERY_COLUMNS = (
+    "id, webhook_id, event, event_id, payload, status, attempts, next_attempt_at, "
+    "last_status_code, last_error, created_at, updated_at"
+)

@@ -26,10 +26,15 @@ import trio
 
 from bridge.aio import AsyncioThread
 from storage._shared import (
+    DELIVERY_COLUMNS,
     LIKE_ESCAPE,
     NUL_MESSAGE,
+    ORDER_SQL,
     REASON_REUSE,
     REASON_USER_DELETED,
+    SESSION_COLUMNS,
+    USER_COLUMNS,
+    WEBHOOK_COLUMNS,
     as_utc,
     check_events,
     check_outcome,
@@ -84,21 +89,6 @@ _SORT_SQL = {
     "email": 'lower(email) COLLATE "C"',
     "full_name": 'lower(full_name) COLLATE "C"',
 }
-_ORDER_SQL = {"asc": "ASC", "desc": "DESC"}
-
-_USER_COLUMNS = (
-    "id, email, password_hash, full_name, avatar_url, is_verified, is_active, role, "
-    "created_at, updated_at, deleted_at"
-)
-_SESSION_COLUMNS = (
-    "id, user_id, token_hash, created_at, expires_at, rotated_at, revoked_at, "
-    "revoked_reason, ip_address, user_agent"
-)
-_WEBHOOK_COLUMNS = "id, url, events, description, secret_ciphertext, created_at, updated_at"
-_DELIVERY_COLUMNS = (
-    "id, webhook_id, event, event_id, payload, status, attempts, next_attempt_at, "
-    "last_status_code, last_error, created_at, updated_at"
-)
 
 # Connection-level failures: the server is down, restarting, refusing or unreachable.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -386,7 +376,7 @@ class PostgresStorage:
             row = await pool.fetchrow(
                 "INSERT INTO users (id, email, password_hash, full_name, is_verified, role, "
                 f"created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) "
-                f"RETURNING {_USER_COLUMNS}",
+                f"RETURNING {USER_COLUMNS}",
                 *args,
             )
             return _user(row)
@@ -395,7 +385,7 @@ class PostgresStorage:
 
     async def get_user(self, user_id: uuid.UUID, *, include_deleted: bool = False) -> User | None:
         pool = self._pool
-        sql = f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1"
+        sql = f"SELECT {USER_COLUMNS} FROM users WHERE id = $1"
         if not include_deleted:
             sql += " AND deleted_at IS NULL"
 
@@ -410,7 +400,7 @@ class PostgresStorage:
 
         async def work() -> User | None:
             row = await pool.fetchrow(
-                f"SELECT {_USER_COLUMNS} FROM users "
+                f"SELECT {USER_COLUMNS} FROM users "
                 "WHERE lower(email) = lower($1) AND deleted_at IS NULL",
                 email,
             )
@@ -443,7 +433,7 @@ class PostgresStorage:
             sets.append(f"is_active = {params.add(is_active)}")
         sql = (
             f"UPDATE users SET {', '.join(sets)} "
-            f"WHERE id = {params.add(user_id)} AND deleted_at IS NULL RETURNING {_USER_COLUMNS}"
+            f"WHERE id = {params.add(user_id)} AND deleted_at IS NULL RETURNING {USER_COLUMNS}"
         )
 
         async def work() -> User | None:
@@ -494,9 +484,9 @@ class PostgresStorage:
             )
         where_sql = " AND ".join(where)
         filter_args = list(params.values)
-        order = _ORDER_SQL[query.order]
+        order = ORDER_SQL[query.order]
         page_sql = (
-            f"SELECT {_USER_COLUMNS} FROM users WHERE {where_sql} "
+            f"SELECT {USER_COLUMNS} FROM users WHERE {where_sql} "
             f"ORDER BY {_SORT_SQL[query.sort]} {order}, id {order} "
             f"LIMIT {params.add(query.limit)} OFFSET {params.add((query.page - 1) * query.limit)}"
         )
@@ -541,7 +531,7 @@ class PostgresStorage:
             row = await pool.fetchrow(
                 "INSERT INTO refresh_sessions (id, user_id, token_hash, created_at, expires_at, "
                 "ip_address, user_agent) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-                f"RETURNING {_SESSION_COLUMNS}",
+                f"RETURNING {SESSION_COLUMNS}",
                 *args,
             )
             return _session(row)
@@ -553,7 +543,7 @@ class PostgresStorage:
 
         async def work() -> RefreshSession | None:
             row = await pool.fetchrow(
-                f"SELECT {_SESSION_COLUMNS} FROM refresh_sessions WHERE id = $1", session_id
+                f"SELECT {SESSION_COLUMNS} FROM refresh_sessions WHERE id = $1", session_id
             )
             return None if row is None else _session(row)
 
@@ -639,7 +629,7 @@ class PostgresStorage:
 
         async def work() -> list[RefreshSession]:
             rows = await pool.fetch(
-                f"SELECT {_SESSION_COLUMNS} FROM refresh_sessions "
+                f"SELECT {SESSION_COLUMNS} FROM refresh_sessions "
                 "WHERE revoked_at >= $1 ORDER BY revoked_at, id",
                 since_utc,
             )
@@ -710,7 +700,7 @@ class PostgresStorage:
             row = await pool.fetchrow(
                 "INSERT INTO webhooks (id, url, events, description, secret_ciphertext, "
                 "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) "
-                f"RETURNING {_WEBHOOK_COLUMNS}",
+                f"RETURNING {WEBHOOK_COLUMNS}",
                 webhook_id,
                 url,
                 names,
@@ -727,7 +717,7 @@ class PostgresStorage:
 
         async def work() -> Webhook | None:
             row = await pool.fetchrow(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1", webhook_id
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = $1", webhook_id
             )
             return None if row is None else _webhook(row)
 
@@ -738,7 +728,7 @@ class PostgresStorage:
 
         async def work() -> list[Webhook]:
             rows = await pool.fetch(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
             )
             return [_webhook(r) for r in rows]
 
@@ -793,9 +783,9 @@ class PostgresStorage:
         # Candidates are locked with SKIP LOCKED (rows another node is claiming right now
         # are passed over), then capped per endpoint and leased, all in one statement.
         scan = limit * per_webhook
-        columns = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+        columns = ", ".join(f"d.{c.strip()}" for c in DELIVERY_COLUMNS.split(","))
         webhook_columns = ", ".join(
-            f"w.{c.strip()} AS w_{c.strip()}" for c in _WEBHOOK_COLUMNS.split(",")
+            f"w.{c.strip()} AS w_{c.strip()}" for c in WEBHOOK_COLUMNS.split(",")
         )
         sql = (
             "WITH candidates AS ("
@@ -907,7 +897,7 @@ class PostgresStorage:
                     status_value,
                 )
                 rows = await con.fetch(
-                    f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {where} "
+                    f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {where} "
                     "ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
                     webhook_id,
                     status_value,

@@ -24,9 +24,14 @@ from typing import TypeVar
 import trio
 
 from storage._shared import (
+    DELIVERY_COLUMNS,
     LIKE_ESCAPE,
+    ORDER_SQL,
     REASON_REUSE,
     REASON_USER_DELETED,
+    SESSION_COLUMNS,
+    USER_COLUMNS,
+    WEBHOOK_COLUMNS,
     as_utc,
     check_events,
     check_outcome,
@@ -80,21 +85,6 @@ _SORT_SQL = {
     "email": "py_lower(email)",
     "full_name": "py_lower(full_name)",
 }
-_ORDER_SQL = {"asc": "ASC", "desc": "DESC"}
-
-_USER_COLUMNS = (
-    "id, email, password_hash, full_name, avatar_url, is_verified, is_active, role, "
-    "created_at, updated_at, deleted_at"
-)
-_SESSION_COLUMNS = (
-    "id, user_id, token_hash, created_at, expires_at, rotated_at, revoked_at, "
-    "revoked_reason, ip_address, user_agent"
-)
-_WEBHOOK_COLUMNS = "id, url, events, description, secret_ciphertext, created_at, updated_at"
-_DELIVERY_COLUMNS = (
-    "id, webhook_id, event, event_id, payload, status, attempts, next_attempt_at, "
-    "last_status_code, last_error, created_at, updated_at"
-)
 
 
 def _ts(value: datetime) -> str:
@@ -375,7 +365,7 @@ class SQLiteStorage:
             rows = conn.execute(
                 "INSERT INTO users (id, email, password_hash, full_name, is_verified, role, "
                 "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                f"RETURNING {_USER_COLUMNS}",
+                f"RETURNING {USER_COLUMNS}",
                 params,
             ).fetchall()
             return _user(rows[0])
@@ -383,7 +373,7 @@ class SQLiteStorage:
         return await self._run(work, *params)
 
     async def get_user(self, user_id: uuid.UUID, *, include_deleted: bool = False) -> User | None:
-        sql = f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?"
+        sql = f"SELECT {USER_COLUMNS} FROM users WHERE id = ?"
         if not include_deleted:
             sql += " AND deleted_at IS NULL"
 
@@ -396,7 +386,7 @@ class SQLiteStorage:
     async def get_user_by_email(self, email: str) -> User | None:
         def work(conn: sqlite3.Connection) -> User | None:
             row = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users "
+                f"SELECT {USER_COLUMNS} FROM users "
                 "WHERE lower(email) = lower(?) AND deleted_at IS NULL",
                 (email,),
             ).fetchone()
@@ -433,7 +423,7 @@ class SQLiteStorage:
         params.append(str(user_id))
         sql = (
             f"UPDATE users SET {', '.join(sets)} WHERE id = ? AND deleted_at IS NULL "
-            f"RETURNING {_USER_COLUMNS}"
+            f"RETURNING {USER_COLUMNS}"
         )
 
         def work(conn: sqlite3.Connection) -> User | None:
@@ -482,9 +472,9 @@ class SQLiteStorage:
             pattern = like_pattern(query.search)
             params += [pattern, pattern]
         where_sql = " AND ".join(where)
-        order = _ORDER_SQL[query.order]
+        order = ORDER_SQL[query.order]
         page_sql = (
-            f"SELECT {_USER_COLUMNS} FROM users WHERE {where_sql} "
+            f"SELECT {USER_COLUMNS} FROM users WHERE {where_sql} "
             f"ORDER BY {_SORT_SQL[query.sort]} {order}, id {order} LIMIT ? OFFSET ?"
         )
         page_params = [*params, query.limit, (query.page - 1) * query.limit]
@@ -524,7 +514,7 @@ class SQLiteStorage:
             rows = conn.execute(
                 "INSERT INTO refresh_sessions (id, user_id, token_hash, created_at, expires_at, "
                 f"ip_address, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                f"RETURNING {_SESSION_COLUMNS}",
+                f"RETURNING {SESSION_COLUMNS}",
                 params,
             ).fetchall()
             return _session(rows[0])
@@ -534,7 +524,7 @@ class SQLiteStorage:
     async def get_session(self, session_id: uuid.UUID) -> RefreshSession | None:
         def work(conn: sqlite3.Connection) -> RefreshSession | None:
             row = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM refresh_sessions WHERE id = ?",
+                f"SELECT {SESSION_COLUMNS} FROM refresh_sessions WHERE id = ?",
                 (str(session_id),),
             ).fetchone()
             return None if row is None else _session(row)
@@ -601,7 +591,7 @@ class SQLiteStorage:
     async def revoked_since(self, since: datetime) -> list[RefreshSession]:
         def work(conn: sqlite3.Connection) -> list[RefreshSession]:
             rows = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM refresh_sessions "
+                f"SELECT {SESSION_COLUMNS} FROM refresh_sessions "
                 "WHERE revoked_at >= ? ORDER BY revoked_at, id",
                 (_ts(since),),
             ).fetchall()
@@ -675,7 +665,7 @@ class SQLiteStorage:
             rows = conn.execute(
                 "INSERT INTO webhooks (id, url, events, description, secret_ciphertext, "
                 "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                f"RETURNING {_WEBHOOK_COLUMNS}",
+                f"RETURNING {WEBHOOK_COLUMNS}",
                 params,
             ).fetchall()
             return _webhook(rows[0])
@@ -685,7 +675,7 @@ class SQLiteStorage:
     async def get_webhook(self, webhook_id: uuid.UUID) -> Webhook | None:
         def work(conn: sqlite3.Connection) -> Webhook | None:
             row = conn.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?", (str(webhook_id),)
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?", (str(webhook_id),)
             ).fetchone()
             return None if row is None else _webhook(row)
 
@@ -694,7 +684,7 @@ class SQLiteStorage:
     async def list_webhooks(self) -> list[Webhook]:
         def work(conn: sqlite3.Connection) -> list[Webhook]:
             rows = conn.execute(
-                f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
+                f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id"
             ).fetchall()
             return [_webhook(r) for r in rows]
 
@@ -756,9 +746,9 @@ class SQLiteStorage:
             f"{not_in}) WHERE rn <= ? ORDER BY next_attempt_at, id LIMIT ?"
         )
         pick_params = [now, *not_in_params, per_webhook, limit]
-        columns = ", ".join(f"d.{c.strip()}" for c in _DELIVERY_COLUMNS.split(","))
+        columns = ", ".join(f"d.{c.strip()}" for c in DELIVERY_COLUMNS.split(","))
         webhook_columns = ", ".join(
-            f"w.{c.strip()} AS w_{c.strip()}" for c in _WEBHOOK_COLUMNS.split(",")
+            f"w.{c.strip()} AS w_{c.strip()}" for c in WEBHOOK_COLUMNS.split(",")
         )
 
         def work(conn: sqlite3.Connection) -> list[ClaimedDelivery]:
@@ -857,7 +847,7 @@ class SQLiteStorage:
             where += " AND status = ?"
             params.append(DeliveryStatus(status).value)
         page_sql = (
-            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {where} "
+            f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {where} "
             "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
         )
         page_params = [*params, limit, (page - 1) * limit]
