@@ -10,19 +10,16 @@ channel, and receives every publication (and every gap: 4011) from the broker
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
-from actors.channel import ChannelActor, ChannelState
+from actors.channel import ChannelActor, ChannelState, FanoutStats
 from actors.close_codes import CloseCode
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from actors.connection import ConnectionActor
     from api.auth.tokens import AccessClaims
     from bridge.broker import Broker, Publication
@@ -68,15 +65,38 @@ class Hub:
         self._empty: trio.Event | None = None
         self.draining = False
         self.opened = 0
-        self.delivered = 0
+        self.fanout = FanoutStats()
         self.publications = 0
         self.gaps = 0
         #: frames not written, by reason ("slow_consumer": queued when closed with 4009;
         #: "closing": published to a connection already closing)
         self.dropped: Counter[str] = Counter()
-        #: called with the seconds one publication's fan-out took (the metrics histogram)
-        self.on_fanout: Callable[[float], None] | None = None
         self.closed: Counter[int] = Counter()
+        #: Where channel actors run their sweeps (the realtime core's nursery);
+        #: ``None``: sweeps run inline.
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def delivered(self) -> int:
+        """Frames handed to local subscribers (one per subscriber and message)."""
+        return self.fanout.delivered
+
+    @property
+    def on_fanout(self) -> Callable[[float], None] | None:
+        """Called, per message, with the seconds its fan-out took (the metrics
+        histogram): from its arrival here until every local subscriber had it."""
+        return self.fanout.on_fanout
+
+    @on_fanout.setter
+    def on_fanout(self, hook: Callable[[float], None] | None) -> None:
+        self.fanout.on_fanout = hook
+
+    def _spawn(self, task: Callable[[], Awaitable[object]]) -> None:
+        """Start a channel's sweep task; raises RuntimeError when there is no nursery
+        (or it is closing): the channel then sweeps inline."""
+        if self.nursery is None:
+            raise RuntimeError("no nursery for fan-out sweeps")
+        self.nursery.start_soon(task)
 
     # -- connections -------------------------------------------------------------------
     def add_connection(self, conn: ConnectionActor) -> None:
@@ -146,7 +166,7 @@ class Hub:
         while True:
             actor = self.channels.get(name)
             if actor is None:
-                actor = self.channels[name] = ChannelActor(name)
+                actor = self.channels[name] = ChannelActor(name, self.fanout, self._spawn)
                 try:
                     await self.broker.subscribe(name)
                 except BaseException:
@@ -175,20 +195,36 @@ class Hub:
         if actor.is_empty and actor.state is ChannelState.ACTIVE:
             self._idle[name] = trio.current_time()
 
+    async def wait_fanout_room(self, channels: Sequence[str]) -> None:
+        """Return once every channel of ``channels`` that has local subscribers has
+        room in its fan-out backlog (:meth:`ChannelActor.wait_room`): local
+        publishers call it first, so this node never accepts faster than it fans out.
+
+        Cancellation: safe to cancel; nothing is reserved.
+        """
+        for name in channels:
+            actor = self.channels.get(name)
+            if actor is not None and not actor.has_room:
+                await actor.wait_room()
+
+    async def wait_swept(self) -> None:
+        """Return once every channel's fan-out backlog is empty.
+
+        Cancellation: safe to cancel (the drain bounds it with a timeout).
+        """
+        for actor in list(self.channels.values()):
+            await actor.wait_swept()
+
     def handle_publication(self, channel: str, publication: Publication) -> None:
         """:class:`~bridge.broker.BrokerEventHandler`: fan out to local subscribers."""
         self.publications += 1
         actor = self.channels.get(channel)
         if actor is None or actor.state is ChannelState.CLOSING:
             return
-        on_fanout = self.on_fanout
-        started = time.perf_counter() if on_fanout is not None else 0.0
         try:
-            self.delivered += actor.broadcast(publication)
+            actor.broadcast(publication)
         except Exception:  # a bug in fan-out must not fail the publisher
             log.exception("fan-out to channel %s failed", channel)
-        if on_fanout is not None:
-            on_fanout(time.perf_counter() - started)
 
     def handle_gap(self, channel: str) -> None:
         """:class:`~bridge.broker.BrokerEventHandler`: this node may have missed

@@ -58,6 +58,8 @@ HANDSHAKE_SEND_TIMEOUT_S = 5.0
 #: Seconds :meth:`Realtime.drain` waits for connections to finish their close
 #: handshake before it aborts the rest.
 DRAIN_TIMEOUT_S = 5.0
+#: Seconds a drain waits for the channels' fan-out backlogs to reach the sockets.
+SWEEP_DRAIN_TIMEOUT_S = 1.0
 #: Seconds to wait for aborted connections to be gone.
 ABORT_TIMEOUT_S = 1.0
 #: Random bytes in a connection id (hex-encoded).
@@ -231,11 +233,15 @@ class Realtime:
     async def drain(self) -> None:
         """Close every WebSocket with 1001 and return once all are gone.
 
-        New upgrades are refused with 1001 from now on. Connections that do not finish
-        their close handshake within :data:`DRAIN_TIMEOUT_S` are aborted.
+        New upgrades are refused with 1001 from now on. Publications already accepted
+        are first written to the sockets (at most :data:`SWEEP_DRAIN_TIMEOUT_S`).
+        Connections that do not finish their close handshake within
+        :data:`DRAIN_TIMEOUT_S` are aborted.
         """
         hub = self._hub
         hub.draining = True
+        with trio.move_on_after(SWEEP_DRAIN_TIMEOUT_S):
+            await hub.wait_swept()  # what was accepted reaches the sockets first
         hub.close_all(CloseCode.GOING_AWAY)
         with trio.move_on_after(DRAIN_TIMEOUT_S):
             await hub.wait_empty()
@@ -294,6 +300,7 @@ class Realtime:
             body = protocol.message_body(body_data, event)
         except (TypeError, ValueError) as exc:
             raise PublishError(f"data is not valid JSON: {exc}", field="data") from None
+        await self._hub.wait_fanout_room(names)
         offsets = await self._publish_all(names, body, id)
         if event is not None and self.event_hook is not None:
             await self.event_hook(event, message_id, body_data)
@@ -473,9 +480,11 @@ async def open_realtime(node: Node) -> AsyncIterator[Realtime]:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervise, "realtime-janitor", hub.run_janitor)
+                hub.nursery = nursery
                 try:
                     yield realtime
                 finally:
+                    hub.nursery = None
                     hub.abort_all()
                     nursery.cancel_scope.cancel()
         finally:

@@ -123,8 +123,9 @@ _SPECS = (
         "hub_fanout_duration_seconds",
         "histogram",
         (),
-        "Time to hand one message to every local subscriber of its channel (encode once, "
-        "write to each socket or send queue).",
+        "Time from a message's arrival in its channel's fan-out backlog until every local "
+        "subscriber was handed it (encoded once; frames one socket has not had yet go out "
+        "in one write).",
         "realtime hook",
     ),
     MetricSpec(
