@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import SubscriberSpec, pin_to_cpu, raise_nofile
+from benchmarks.loadgen import (
+    SOCKETIO_NOTIFICATION_MARKER,
+    SubscriberSpec,
+    pin_to_cpu,
+    raise_nofile,
+)
 
 EXCHANGE = "hub-bench-socketio"
 EVENT = "notification"
@@ -162,6 +167,7 @@ def peer_spec(port: int) -> SubscriberSpec:
         messages=(connect_message("public.ingest.0"),),
         ready_marker=b'40{"sid"',
         validator="socketio",
+        count_marker=SOCKETIO_NOTIFICATION_MARKER,
     )
 
 

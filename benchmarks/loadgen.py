@@ -6,8 +6,11 @@ The generator must never be the bottleneck, so it is built from the cheapest par
   (pinned to their own CPU). The HTTP upgrade is written by hand. Two kinds of worker:
 
   - *counting* workers read each socket in large batches (every ``read_interval_s``) and
-    count complete frames by parsing only the 2-10 byte WebSocket frame headers
-    (:class:`FrameCounter`); they never decode JSON.
+    count notifications without decoding JSON: by default with ``bytes.count`` of a
+    per-server byte marker that every notification frame holds once
+    (:class:`MarkerCounter`, :attr:`SubscriberSpec.count_marker`), or, when the spec
+    has no marker or the worker asks for ``counter="strict"``, by walking every 2-10
+    byte WebSocket frame header (:class:`FrameCounter`).
   - a *sample* worker holds a few sockets that it reads as soon as data arrives, decodes
     every frame, checks the JSON and the per-channel offset continuity
     (:class:`SequenceChecker`: seq +1 each time, no gap, no duplicate) and measures the
@@ -68,6 +71,20 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: so 127.0.0.x sources do not each reserve a port for every destination.
 IP_BIND_ADDRESS_NO_PORT = 24
 RECV_BYTES = 256 * 1024
+#: Most epoll events taken per ``poll`` while draining.
+MAX_EVENTS = 4096
+#: The longest close frame a server can send: 2-byte header + 125 bytes of payload.
+MAX_CLOSE_FRAME = 127
+#: Close codes an endpoint may send (RFC 6455 §7.4: 1004-1006 and 1015 never go on the
+#: wire; 3000-4999 are for libraries and applications).
+SENDABLE_CLOSE_CODES = (frozenset(range(1000, 1015)) - {1004, 1005, 1006}) | frozenset(
+    range(3000, 5000)
+)
+#: The start of every hub notification frame (``actors.protocol.notification``); the
+#: websockets peer writes the same compact JSON with ``type`` first.
+HUB_NOTIFICATION_MARKER = b'{"type":"notification",'
+#: The start of every socket.io ``notification`` event (python-socketio, namespace ``/``).
+SOCKETIO_NOTIFICATION_MARKER = b'42["notification",'
 #: Upgrades in flight at once while opening connections.
 OPEN_CONCURRENCY = 256
 OPEN_TIMEOUT_S = 120.0
@@ -319,6 +336,119 @@ class FrameCounter:
         return text
 
 
+def trailing_close_code(tail: bytes) -> int | None:
+    """The code of the close frame that ``tail`` ends with, or ``None``.
+
+    ``tail`` is the end of a server's byte stream; frame boundaries are unknown, so every
+    ``0x88`` byte in the last :data:`MAX_CLOSE_FRAME` bytes is tried as the start of a
+    close frame that ends exactly where ``tail`` ends. A candidate counts only with a
+    length byte that matches, a code an endpoint may send (:data:`SENDABLE_CLOSE_CODES`)
+    and a UTF-8 reason. Inside a stream of JSON text frames (each under 8 MiB) this
+    matches nothing but a close frame: the code's first byte (0x03-0x13) is a control
+    character, which JSON never holds raw, and no frame header puts a byte of at most 125
+    between a 0x88 and such a byte. Ping and pong payloads are arbitrary bytes: a false
+    match there needs a read to end right after 4 particular bytes of one. A close frame
+    without a code is not recognised.
+    """
+    end = len(tail)
+    lowest = max(0, end - MAX_CLOSE_FRAME)
+    start = tail.rfind(b"\x88", lowest)
+    while start >= 0:
+        length = end - start - 2
+        if 2 <= length <= 125 and tail[start + 1] == length:
+            code = _close_code(tail[start + 2 :])
+            if code is not None:
+                return code
+        start = tail.rfind(b"\x88", lowest, start)
+    return None
+
+
+def _close_code(payload: bytes) -> int | None:
+    """The code of a close frame's ``payload`` (2+ bytes) if plausible, else ``None``."""
+    code = int.from_bytes(payload[:2], "big")
+    if code not in SENDABLE_CLOSE_CODES:
+        return None
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return code
+
+
+def has_border(marker: bytes) -> bool:
+    """True when a proper prefix of ``marker`` is also its suffix (two occurrences could
+    overlap, and counts per read would then not add up to the count of the stream)."""
+    return any(marker[:k] == marker[-k:] for k in range(1, len(marker)))
+
+
+class MarkerCounter:
+    """Counts notification frames by a byte marker, at C speed, without frame headers.
+
+    Every notification frame the server sends holds ``marker`` exactly once and no other
+    frame (welcome, subscribed, pong, error, ping, close) holds it, so the notifications
+    in a stream are ``stream.count(marker)``. Each read is counted with ``bytes.count``;
+    the last ``len(marker) - 1`` bytes of the stream are kept so that a marker split
+    between two reads is counted once, when its last byte arrives. ``marker`` must not
+    overlap itself (:func:`has_border`): then the per-read counts add up exactly.
+
+    A close frame is found at the end of a read (:func:`trailing_close_code`): the server
+    sends nothing after it. A close frame without a code (which neither the hub nor the
+    peers send) is not recognised: the socket dies at the end of stream, with no code.
+
+    Same attributes as :class:`FrameCounter`; ``other`` and ``bad`` stay 0 (frames are
+    not parsed: a stream that breaks RFC 6455 is not detected; use the strict
+    :class:`FrameCounter` for that).
+    """
+
+    __slots__ = (
+        "_keep",
+        "_limit",
+        "_marker",
+        "_tail",
+        "bad",
+        "bytes",
+        "close_code",
+        "other",
+        "text",
+    )
+
+    def __init__(self, marker: bytes) -> None:
+        if len(marker) < 2 or has_border(marker):
+            raise ValueError(f"marker {marker!r}: needs 2+ bytes and no self-overlap")
+        self._marker = bytes(marker)
+        self._keep = len(marker) - 1
+        self._limit = max(MAX_CLOSE_FRAME, self._keep)
+        self._tail = b""
+        self.text = 0
+        self.other = 0
+        self.bad = 0
+        self.bytes = 0
+        self.close_code: int | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.close_code is not None
+
+    def feed(self, data: bytes | bytearray, end: int | None = None) -> int:
+        """Account for ``data[:end]`` (all of ``data`` when ``end`` is None; a reused
+        ``recv_into`` buffer needs no copy); returns how many markers it completed."""
+        if end is None:
+            end = len(data)
+        self.bytes += end
+        if self.close_code is not None:
+            return 0
+        marker, keep, tail = self._marker, self._keep, self._tail
+        found = data.count(marker, 0, end)
+        if tail:
+            found += (tail[-keep:] + data[: min(keep, end)]).count(marker)
+        limit = self._limit
+        self._tail = tail = (tail + data[max(0, end - limit) : end])[-limit:]
+        if b"\x88" in tail:
+            self.close_code = trailing_close_code(tail)
+        self.text += found
+        return found
+
+
 class FrameDecoder:
     """Splits a byte stream into complete frames ``(opcode, payload)`` (server side:
     unmasked); same header rules as :class:`FrameCounter`."""
@@ -472,6 +602,9 @@ class SubscriberSpec:
         ready_marker: bytes that appear in the server frame that means "subscribed";
             ``None``: ready right after the upgrade.
         validator: ``"hub"`` (SPEC §3 notification frames) for sample sockets.
+        count_marker: bytes that every notification frame of this server holds exactly
+            once and no other frame holds (:class:`MarkerCounter`); ``None``: counting
+            sockets walk frame headers (:class:`FrameCounter`).
     """
 
     host: str
@@ -481,6 +614,7 @@ class SubscriberSpec:
     messages: tuple[bytes, ...] = ()
     ready_marker: bytes | None = None
     validator: str = "hub"
+    count_marker: bytes | None = None
 
 
 def hub_subscriber_spec(host: str, port: int, token: str, channel: str) -> SubscriberSpec:
@@ -491,17 +625,43 @@ def hub_subscriber_spec(host: str, port: int, token: str, channel: str) -> Subsc
         headers=(("Authorization", f"Bearer {token}"),),
         messages=(json.dumps({"type": "subscribe", "channels": [channel]}).encode(),),
         ready_marker=b'"type":"subscribed"',
+        count_marker=HUB_NOTIFICATION_MARKER,
     )
 
 
 @dataclass
 class WorkerConfig:
+    """A subscriber worker's settings.
+
+    Attributes:
+        mode: ``"count"`` or ``"sample"``.
+        counter: how counting sockets count (:func:`make_counter`): ``"auto"`` (by the
+            spec's ``count_marker`` when it has one, else by frame headers),
+            ``"marker"`` or ``"strict"`` (:class:`FrameCounter`).
+    """
+
     spec: SubscriberSpec
-    mode: str  # "count" or "sample"
+    mode: str
     cpu: int | None = None
     read_interval_s: float = 0.2
     source_addresses: tuple[str, ...] = ("127.0.0.1",)
     nice: int = 0
+    counter: str = "auto"
+
+
+def make_counter(spec: SubscriberSpec, kind: str = "auto") -> FrameCounter | MarkerCounter:
+    """The counter of one counting socket; ``kind`` as :attr:`WorkerConfig.counter`.
+
+    Raises:
+        ValueError: an unknown ``kind``, or ``"marker"`` for a spec without a marker.
+    """
+    if kind not in ("auto", "marker", "strict"):
+        raise ValueError(f"unknown counter {kind!r}")
+    if kind == "strict" or (kind == "auto" and spec.count_marker is None):
+        return FrameCounter()
+    if spec.count_marker is None:
+        raise ValueError("counter='marker' needs a spec with a count_marker")
+    return MarkerCounter(spec.count_marker)
 
 
 CONNECTING, HANDSHAKE, SUBSCRIBING, READY, DEAD = range(5)
@@ -516,7 +676,7 @@ class _Sub:
         self.state = CONNECTING
         self.key = make_key()
         self.inbuf = b""
-        self.counter: FrameCounter | None = None
+        self.counter: FrameCounter | MarkerCounter | None = None
         self.decoder: FrameDecoder | None = None
 
 
@@ -543,6 +703,7 @@ class SubscriberWorker:
         self._dead_text = 0
         self._dead_bad = 0
         self.reads = 0
+        self._recv_buf = bytearray(RECV_BYTES)  # reused by every marker-counted read
 
     # -- opening ---------------------------------------------------------------------
     def _new_socket(self) -> socket.socket:
@@ -676,7 +837,7 @@ class SubscriberWorker:
         sub.state = READY
         leftover, sub.inbuf = sub.inbuf, b""
         if self.cfg.mode == "count":
-            sub.counter = FrameCounter()
+            sub.counter = make_counter(self.cfg.spec, self.cfg.counter)
             sub.decoder = None
         else:
             sub.decoder = FrameDecoder()
@@ -735,32 +896,68 @@ class SubscriberWorker:
         self.subs.pop(sub.fd, None)
 
     def drain(self, timeout: float = 0.0) -> int:
-        """Read every socket that has data; returns the number of reads."""
+        """Read every socket that has data (once each, until epoll has no more than
+        :data:`MAX_EVENTS` ready); returns the number of reads."""
         reads = 0
-        subs = self.subs
         while True:
-            events = self.epoll.poll(timeout, 4096)
+            events = self.epoll.poll(timeout, MAX_EVENTS)
             timeout = 0.0
-            now_ns = time.time_ns()
-            for fd, _ in events:
-                sub = subs.get(fd)
-                if sub is None:
-                    continue
-                try:
-                    data = sub.sock.recv(RECV_BYTES)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    self._kill(sub)
-                    continue
-                reads += 1
-                if data:
-                    self._consume(sub, data, now_ns)
-                else:
-                    self._kill(sub)
-            if len(events) < 4096:
+            reads += self._read_events(events)
+            if len(events) < MAX_EVENTS:
                 self.reads += reads
                 return reads
+
+    def _read_events(self, events: list[tuple[int, int]]) -> int:
+        """One read of each socket in ``events``; returns the number of reads."""
+        subs = self.subs
+        now_ns = time.time_ns()
+        reads = 0
+        for fd, _ in events:
+            sub = subs.get(fd)
+            if sub is None:
+                continue
+            counter = sub.counter
+            if type(counter) is MarkerCounter:
+                reads += self._read_marked(sub, counter)
+            else:
+                reads += self._read(sub, now_ns)
+        return reads
+
+    def _read_marked(self, sub: _Sub, counter: MarkerCounter) -> int:
+        """Read ``sub`` into the reused buffer and count it: no bytes object, no header
+        walk. Returns 1 for a read (EOF included), 0 when there was nothing to read."""
+        buf = self._recv_buf
+        try:
+            n = sub.sock.recv_into(buf)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._kill(sub)
+            return 0
+        if not n:
+            self._kill(sub)
+            return 1
+        counter.feed(buf, n)
+        if counter.close_code is not None:
+            self.close_codes[counter.close_code] += 1
+            self._kill(sub)
+        return 1
+
+    def _read(self, sub: _Sub, now_ns: int) -> int:
+        """Read ``sub`` and hand the bytes to :meth:`_consume`; returns 1 for a read (EOF
+        included), 0 when there was nothing to read."""
+        try:
+            data = sub.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._kill(sub)
+            return 0
+        if data:
+            self._consume(sub, data, now_ns)
+        else:
+            self._kill(sub)
+        return 1
 
     # -- reporting -------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

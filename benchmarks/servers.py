@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.fanout import ADMIN_EMAIL, PASSWORD, USER_EMAIL
-from benchmarks.loadgen import NodeProcess, SubscriberSpec, free_port
+from benchmarks.loadgen import (
+    HUB_NOTIFICATION_MARKER,
+    SOCKETIO_NOTIFICATION_MARKER,
+    NodeProcess,
+    SubscriberSpec,
+    free_port,
+)
 from benchmarks.peers import SOCKETIO_FRAME_OVERHEAD, PeerProcess
 
 #: The servers, in the order every workload runs them.
@@ -62,6 +68,7 @@ class Server:
                 messages=(b"40", b'42["subscribe",' + _dumps(subscribe) + b"]"),
                 ready_marker=b'42["subscribed"',
                 validator="socketio-hub",
+                count_marker=SOCKETIO_NOTIFICATION_MARKER,
             )
         headers: tuple[tuple[str, str], ...] = ()
         if self.name == "hub":
@@ -74,6 +81,7 @@ class Server:
             messages=(_dumps(subscribe),),
             ready_marker=b'"type":"subscribed"',
             validator="hub",
+            count_marker=HUB_NOTIFICATION_MARKER,
         )
 
 
