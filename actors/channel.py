@@ -35,8 +35,11 @@ MAX_RECOVERY_BUFFER = 1000
 #: Channels with at most this many subscribers are written to inline, inside the
 #: publishing call, when nothing is pending (no task hop; holds the loop ≤ ~0.5 ms).
 INLINE_MAX_SUBSCRIBERS = 64
-#: A sweep lets other tasks run after this many socket writes (~1 ms of work).
-SWEEP_CHUNK = 128
+#: A sweep lets other tasks run after this many seconds of writing: a REST request or
+#: a handshake waits at most this long per checkpoint of its own behind a sweep.
+SWEEP_SLICE_S = 0.00025
+#: A sweep reads the clock every this many socket writes.
+SWEEP_CLOCK_EVERY = 16
 #: Local publishers wait (:meth:`ChannelActor.wait_room`) while the backlog holds this
 #: many frames or :data:`BACKLOG_MAX_BYTES`; they resume once a sweep halves it.
 BACKLOG_MAX_FRAMES = 128
@@ -88,7 +91,7 @@ class ChannelActor:
         that). A slow subscriber never slows the others.
 
     Cancellation:
-        The sweep task checkpoints every :data:`SWEEP_CHUNK` writes. Cancelled (the
+        The sweep task checkpoints every :data:`SWEEP_SLICE_S` of writing. Cancelled (the
         node stopping), it leaves the backlog and positions consistent: the next
         publication starts a new sweep that goes on where it stopped.
 
@@ -249,23 +252,27 @@ class ChannelActor:
             self._sweeping = False
 
     async def _sweep_passes(self) -> None:
+        clock = time.perf_counter
         while self._backlog:
             pass_head = self._base + len(self._backlog)
             head = pass_head
             joined: dict[int, bytes] = {}
-            budget = SWEEP_CHUNK
             subscribers = self.subscribers
+            slice_end = clock() + SWEEP_SLICE_S
+            countdown = SWEEP_CLOCK_EVERY
             for conn in list(subscribers):
-                if budget <= 0:
-                    await trio.lowlevel.checkpoint()
-                    budget = SWEEP_CHUNK
-                    now_head = self._base + len(self._backlog)
-                    if now_head != head:
-                        head = now_head
-                        joined = {}
+                countdown -= 1
+                if not countdown:
+                    countdown = SWEEP_CLOCK_EVERY
+                    if clock() >= slice_end:
+                        await trio.lowlevel.checkpoint()
+                        slice_end = clock() + SWEEP_SLICE_S
+                        now_head = self._base + len(self._backlog)
+                        if now_head != head:
+                            head = now_head
+                            joined = {}
                 if conn in subscribers:
                     self._write_pending(conn, head, joined)
-                    budget -= 1
             # Every subscriber now has every frame before pass_head (newcomers
             # start at the head they joined at).
             self._trim(pass_head)

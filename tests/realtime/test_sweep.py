@@ -14,15 +14,15 @@ from typing import Any
 
 import trio
 
-from actors.channel import BACKLOG_MAX_FRAMES, INLINE_MAX_SUBSCRIBERS, SWEEP_CHUNK
+from actors.channel import BACKLOG_MAX_FRAMES, INLINE_MAX_SUBSCRIBERS, SWEEP_CLOCK_EVERY
 from actors.close_codes import CloseCode
 from tests.harness import Account, RunningNode
 from tests.realtime import rawws
 from tests.realtime.conftest import connect
 
-#: Subscribers of the swept channel: enough to leave the inline path and to make a
-#: sweep yield twice.
-CROWD = max(INLINE_MAX_SUBSCRIBERS, SWEEP_CHUNK) * 2 + 1
+#: Subscribers of the swept channel: enough to leave the inline path and for sweeps to
+#: yield (and let publishers in) several times per pass.
+CROWD = max(INLINE_MAX_SUBSCRIBERS, SWEEP_CLOCK_EVERY) * 4 + 1
 #: Seconds a whole test may take.
 DEADLINE_S = 60
 
