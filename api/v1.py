@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from api.app import HubApp
     from api.ratelimit import RateDecision
+    from hub.settings import RateLimit
 
 PREFIX = "/api/v1"
 GROUPS = ("register", "login", "auth", "public", "admin")
@@ -70,6 +71,16 @@ def request_ip() -> str:
     return ip
 
 
+def rate_limit(app: HubApp, group: str) -> RateLimit:
+    """The limit of ``group`` from the node's settings, parsed once per app."""
+    limits: dict[str, RateLimit] | None = app.config.get("HUB_RATE_LIMITS")
+    if limits is None:
+        settings = app.node.services.settings
+        limits = {name: settings.rate(name) for name in GROUPS}
+        app.config["HUB_RATE_LIMITS"] = limits
+    return limits[group]
+
+
 def _group_of_request() -> str:
     rule = request.url_rule
     if rule is None:
@@ -93,9 +104,8 @@ async def _limit() -> None:
     app = cast("HubApp", current_app)
     group = _group_of_request()
     g.rate_group = group  # read by the metrics (429s by group)
-    services = app.node.services
-    decision = await services.rate_limiter.hit(
-        group, _identifier(group), services.settings.rate(group)
+    decision = await app.node.services.rate_limiter.hit(
+        group, _identifier(group), rate_limit(app, group)
     )
     g.rate_decision = decision
     if not decision.allowed:

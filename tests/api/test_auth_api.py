@@ -3,6 +3,7 @@ error paths, refresh rotation and reuse, and the bad inputs of reliability.md §
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -354,3 +355,25 @@ async def test_logout_without_a_valid_token_is_401(
     response = await hub_node.client.post("/api/v1/auth/logout", headers=headers)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_revocation_beats_the_verified_token_cache(hub_node: RunningNode) -> None:
+    """Claims are verified once per token and kept, but revocation is checked on every
+    request: logout (one session) and account deletion (the user) refuse at once."""
+    tokens = hub_node.node.services.tokens
+    logout_account = await hub_node.create_account()
+    delete_account = await hub_node.create_account()
+    for account in (logout_account, delete_account):
+        me = await hub_node.client.get("/api/v1/users/me", headers=account.headers)
+        assert me.status_code == 200
+        assert tokens.verified.get(account.access_token, time.time()) is not None
+
+    await hub_node.client.post("/api/v1/auth/logout", headers=logout_account.headers)
+    me = await hub_node.client.get("/api/v1/users/me", headers=logout_account.headers)
+    assert me.status_code == 401
+    assert error_of(me)["message"] == "Token has been revoked"
+
+    await hub_node.client.delete("/api/v1/users/me", headers=delete_account.headers)
+    me = await hub_node.client.get("/api/v1/users/me", headers=delete_account.headers)
+    assert me.status_code == 401
+    assert error_of(me)["message"] == "Token has been revoked"

@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 
-from api.auth.tokens import TokenError, TokenService
+from api.auth.tokens import LEEWAY_S, TokenError, TokenService, VerifiedTokens
 from storage.base import Role, User
 
 SECRET = "s" * 64
@@ -141,3 +141,75 @@ def test_algorithm_is_taken_from_config_not_from_the_header(tokens: TokenService
         tokens.decode_access(token)
     control = _signed_with_header(claims(), {"alg": "HS256", "typ": "JWT"}, SECRET.encode())
     assert tokens.decode_access(control).role == "user"
+
+
+# -- verified tokens are kept, until they expire ------------------------------------------
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_token_is_verified_once_and_its_claims_reused() -> None:
+    tokens = TokenService(SECRET, access_ttl_s=3600, refresh_ttl_s=86400)
+    pair = tokens.issue_pair(make_user(), "s")
+    first = tokens.decode_access(pair.access_token)
+    assert len(tokens.verified) == 1
+    assert tokens.decode_access(pair.access_token) is first
+    assert len(tokens.verified) == 1
+
+
+def test_a_cached_token_is_refused_once_expired() -> None:
+    clock = Clock()
+    tokens = TokenService(SECRET, access_ttl_s=3600, refresh_ttl_s=86400, clock=clock)
+    pair = tokens.issue_pair(make_user(), "s", now=clock.now)
+    claims = tokens.decode_access(pair.access_token)
+    clock.now = claims.expires_at + LEEWAY_S - 0.5  # within PyJWT's leeway: still good
+    assert tokens.decode_access(pair.access_token) is claims
+    clock.now = claims.expires_at + LEEWAY_S
+    with pytest.raises(TokenError) as info:
+        tokens.decode_access(pair.access_token)
+    assert info.value.reason == "expired"
+    assert len(tokens.verified) == 0
+
+
+def test_bad_tokens_are_not_kept(tokens: TokenService) -> None:
+    forged = jwt.encode(claims(), "another-secret-of-at-least-32-bytes!!", algorithm="HS256")
+    for _ in range(2):
+        with pytest.raises(TokenError):
+            tokens.decode_access(forged)
+    refresh = tokens.issue_pair(make_user(), "s").refresh_token
+    with pytest.raises(TokenError, match="wrong_type"):
+        tokens.decode_access(refresh)
+    assert len(tokens.verified) == 0
+
+
+def test_verified_tokens_keep_the_most_recently_used() -> None:
+    kept = VerifiedTokens(max_entries=2)
+    tokens = TokenService(SECRET, access_ttl_s=3600, refresh_ttl_s=86400)
+    a, b, c = (tokens.issue_pair(make_user(), "s").access_token for _ in range(3))
+    now = time.time()
+    for token in (a, b):
+        kept.put(token, tokens.decode_access(token))
+    assert kept.get(a, now) is not None  # a is now the most recent
+    kept.put(c, tokens.decode_access(c))
+    assert len(kept) == 2
+    assert kept.get(b, now) is None
+    assert kept.get(a, now) is not None and kept.get(c, now) is not None
+
+
+def test_an_asymmetric_key_is_refused_as_secret_at_once() -> None:
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYI\n-----END PUBLIC KEY-----"
+    with pytest.raises(jwt.InvalidKeyError):
+        TokenService(pem, access_ttl_s=3600, refresh_ttl_s=86400)
+
+
+def test_the_prepared_key_signs_like_pyjwt(tokens: TokenService) -> None:
+    pair = tokens.issue_pair(make_user(), "s")
+    decoded = jwt.decode(pair.access_token, SECRET, algorithms=["HS256"])
+    assert decoded["type"] == "access"
+    assert tokens.decode_access(jwt.encode(claims(), SECRET, algorithm="HS256")).role == "user"
