@@ -19,6 +19,8 @@ CONCURRENT_LOGINS = 20
 #: is compared with the budget because the single slowest probe also measures the machine
 #: (a shared 2-core box under load shows 40-80 ms stalls with no login at all).
 PERCENTILE = 0.99
+#: Seconds one login of the burst may take (they wait for the hashing threads in turn).
+LOGIN_TIMEOUT_S = 60.0
 
 
 @pytest.fixture
@@ -37,7 +39,11 @@ async def test_health_answers_within_50ms_during_20_concurrent_logins(
 
     async def login() -> None:
         response = await hub_node.client.post(
-            "/api/v1/auth/login", json={"email": account.email, "password": account.password}
+            "/api/v1/auth/login",
+            json={"email": account.email, "password": account.password},
+            # 20 hashes at cost 12 queue behind one another: on a busy machine the last
+            # takes over httpx's default 5 s. Their speed is not what this test measures.
+            timeout=LOGIN_TIMEOUT_S,
         )
         statuses.append(response.status_code)
 
