@@ -81,6 +81,12 @@ QUIET_TIMEOUT_S = 300.0
 #: (``benchmarks.runner`` keeps the distributions for its latency CDF plots).
 LATENCY_SINK: Callable[[str, list[float]], None] | None = None
 
+#: Default load of the fixed-rate window (deliveries/s): latency at one load for all
+#: servers, below the slowest peer's maximum at N = 1,000 and 5,000.
+FIXED_DELIVERIES_PER_S = 20_000.0
+#: The fixed-rate window runs only up to this share of a server's max publish rate.
+FIXED_MAX_SHARE = 0.9
+
 TARGETS = {
     "deliveries_per_s_at_5000": 130_000,
     "p99_ms_at_half_load": 40.0,
@@ -113,6 +119,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="re-runs of a window disturbed by other processes (2; quick: 0)",
+    )
+    parser.add_argument(
+        "--fixed-deliveries",
+        type=float,
+        default=FIXED_DELIVERIES_PER_S,
+        help="one more open-loop window at this many deliveries/s, the same for every "
+        "server (skipped where it exceeds 90%% of the server's max; 0 = none)",
     )
     parser.add_argument(
         "--profile",
@@ -476,6 +489,29 @@ def run_fanout(
             duration=args.duration,
         )
         published += phases["half"]["published_all_attempts"]
+        fixed_rate = args.fixed_deliveries / max(1, opened["ok"])
+        fixed_cap = FIXED_MAX_SHARE * phases["max"]["published_per_s"]
+        if args.fixed_deliveries and fixed_rate <= fixed_cap:
+            phases["fixed"] = run_clean_phase(
+                "fixed",
+                pool,
+                publisher,
+                probe,
+                retries=args.retries,
+                quiet_timeout_s=args.quiet_timeout,
+                expected=expected,
+                rate=fixed_rate,
+                inflight=args.inflight,
+                warmup=args.warmup,
+                duration=args.duration,
+            )
+            published += phases["fixed"]["published_all_attempts"]
+            print(
+                f"  N={n} fixed {args.fixed_deliveries:,.0f} deliveries/s: "
+                f"p50 {phases['fixed']['latency_ms_p50']} ms, "
+                f"p99 {phases['fixed']['latency_ms_p99']} ms",
+                flush=True,
+            )
         profile = None
         if args.profile:
             profile = profile_node(node.pid, publisher, args, n)

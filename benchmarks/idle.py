@@ -413,7 +413,13 @@ def run_server(ctx: Context, params: IdleParams, name: str) -> dict[str, Any]:
     (raising the hard limit needs ``CAP_SYS_RESOURCE``); the result says so.
     """
     hb = params.heartbeat_s
-    env = {"HEARTBEAT_INTERVAL": str(hb), "HEARTBEAT_TIMEOUT": str(2 * hb)}
+    env = {
+        "HEARTBEAT_INTERVAL": str(hb),
+        "HEARTBEAT_TIMEOUT": str(2 * hb),
+        # The hub refuses upgrades (503) that would leave fewer descriptors free than
+        # its reserve; the top level here stops FD_MARGIN short of the limit.
+        "FD_RESERVE": str(FD_MARGIN // 2),
+    }
     sources = tuple(f"127.0.0.{i}" for i in range(1, 9))
     with open_server(name, cpu=ctx.node_cpu, env=env, heartbeat_s=hb) as server:
         spec = server.spec([CHANNEL])

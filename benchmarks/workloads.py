@@ -139,7 +139,8 @@ def fanout(ctx: Context) -> dict[str, Any]:
                 )
                 result["latency_cdf_ms"] = {
                     phase: collector.cdf_for(phase, result["phases"][phase])
-                    for phase in ("max", "half")
+                    for phase in ("max", "half", "fixed")
+                    if phase in result["phases"]
                 }
                 if result.get("profile"):
                     profile = result["profile"]
@@ -152,7 +153,12 @@ def fanout(ctx: Context) -> dict[str, Any]:
                 ctx.progress.step(f"{name} N={n:,}: {m['delivered_per_s']:,} deliveries/s")
     fanout_bench.LATENCY_SINK = None
     return {
-        "parameters": {**params.__dict__, "frame_bytes": 200, "channel": fanout_bench.CHANNEL},
+        "parameters": {
+            **params.__dict__,
+            "frame_bytes": 200,
+            "channel": fanout_bench.CHANNEL,
+            "fixed_deliveries_per_s": fanout_bench.FIXED_DELIVERIES_PER_S,
+        },
         "runs": runs,
         "counting": counts,
         "checks_ok": ok,
