@@ -36,6 +36,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
 from actors import protocol
+from actors.admission import Admission
 from actors.close_codes import CloseCode
 from actors.connection import Authenticator, ConnectionActor, ConnectionLimits
 from actors.hub import Hub
@@ -113,6 +114,9 @@ class Realtime:
         self._limits = ConnectionLimits.from_settings(settings)
         self._allowed_origins = {_norm_origin(o) for o in settings.allowed_origins}
         self.handshake_failures = 0
+        #: Refuses upgrades (503) when the node is full; the node gives it its descriptor
+        #: budget when it starts serving (actors/admission.py).
+        self.admission = Admission(max_connections=settings.ws_max_connections)
         #: Awaited with ``(event, message id, data)`` for each published message that has
         #: an ``event`` (the webhook dispatcher sets it; see actors/webhook_dispatcher.py).
         self.event_hook: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
@@ -127,18 +131,34 @@ class Realtime:
         """Serve one ``GET /ws/notifications`` upgrade until the connection closes.
 
         ``head`` holds every byte read from ``stream`` so far (the request head and
-        possibly the first frames). A malformed upgrade gets an HTTP 400; anything
-        else is upgraded first and then, when the origin, the token or the node's
-        state says no, closed with 4003, 4001 or 1001 (browsers cannot read an HTTP
-        status on a failed WebSocket).
+        possibly the first frames). When the node is full (``WS_MAX_CONNECTIONS``) or
+        short of file descriptors (``FD_RESERVE``), the upgrade is answered HTTP 503 with
+        the error envelope and ``Retry-After`` before any handshake (:attr:`admission`).
+        A malformed upgrade gets an HTTP 400; anything else is upgraded first and then,
+        when the origin, the token or the node's state says no, closed with 4003, 4001
+        or 1001 (browsers cannot read an HTTP status on a failed WebSocket).
+
+        Backpressure:
+            A refusal is one write of a few hundred bytes (at most
+            :data:`HANDSHAKE_SEND_TIMEOUT_S`); established connections are not touched.
 
         Cancellation:
             Cancelling this call aborts the connection (no close handshake).
         """
-        conn = await self._accept(stream, head)
-        del stream, head  # keep nothing of the handshake alive for the connection's life
-        if conn is not None:
-            await conn.run()
+        counted = not self._hub.draining  # a draining node refuses after the upgrade (1001)
+        if counted:
+            refusal = self.admission.admit()
+            if refusal is not None:
+                await _send_and_close(stream, self.admission.answer(refusal, head))
+                return
+        try:
+            conn = await self._accept(stream, head)
+            del stream, head  # keep nothing of the handshake alive for the connection's life
+            if conn is not None:
+                await conn.run()
+        finally:
+            if counted:
+                self.admission.release()
 
     async def _accept(self, stream: trio.SocketStream, head: bytes) -> ConnectionActor | None:
         """Upgrade, then build the connection's actor: registered when accepted, or
@@ -290,12 +310,13 @@ class Realtime:
             raise PublishError(
                 f"not a channel anyone can subscribe to: {', '.join(bad[:5])}", field="channels"
             )
-        if not isinstance(data, Mapping):
+        if type(data) is not dict and not isinstance(data, Mapping):  # the ABC check is slow
             raise PublishError("data must be a JSON object", field="data")
         message_id = id or str(uuid.uuid4())
         body_data = dict(data)
         body_data.setdefault("id", message_id)
-        body_data.setdefault("timestamp", utc_now_iso())
+        if "timestamp" not in body_data:
+            body_data["timestamp"] = utc_now_iso()
         try:
             body = protocol.message_body(body_data, event)
         except (TypeError, ValueError) as exc:

@@ -14,16 +14,31 @@ Resource handling:
     Every connection task is owned by the door's connection nursery. On shutdown the
     listeners close first, then WebSockets are drained (close 1001) by the realtime
     core, then idle HTTP keep-alive connections are told to close and in-flight requests
-    get until the grace deadline before they are cancelled.
+    get until the grace deadline before they are cancelled. A connection whose handler
+    fails is logged and closed; it never takes the other connections down.
+
+File descriptors:
+    The door counts the sockets it has accepted and not closed in a
+    :class:`~hub.descriptors.DescriptorBudget`, which the realtime core reads to refuse
+    WebSocket upgrades (HTTP 503) before the node runs out. When ``accept`` fails all
+    the same for want of descriptors (``EMFILE``, ``ENFILE``) or memory (``ENOMEM``,
+    ``ENOBUFS``), the loop does not crash or spin: the connections waiting in the backlog
+    are answered 503 one by one through a spare descriptor held for that purpose (they
+    would otherwise wait, unanswered, until a descriptor frees up), then accepting pauses
+    for a delay growing from 10 ms to 0.5 s. Established connections are never touched.
+    The first failure of a burst is logged, not every one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import select
 import socket as stdlib_socket
 from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -33,6 +48,10 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, wrap_app
 
+from api.envelope import raw_failure
+from api.errors import ApiError
+from hub.descriptors import BurstLog, DescriptorBudget, open_files_limit, retry_after_s
+
 log = logging.getLogger("hub.frontdoor")
 
 WS_PATH = b"/ws/notifications"
@@ -40,6 +59,18 @@ HEAD_LIMIT_BYTES = 16 * 1024
 HEAD_TIMEOUT_S = 10.0
 RECV_BYTES = 16 * 1024
 IDLE_SWEEP_S = 1.0
+#: ``accept`` errors that mean "no resources right now": retry later, never crash.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Pause after such an error; it doubles while they go on, up to the maximum.
+ACCEPT_RETRY_MIN_S = 0.01
+ACCEPT_RETRY_MAX_S = 0.5
+#: Waiting connections answered 503 through the spare descriptor per failed ``accept``.
+SHED_BATCH = 64
+#: How long shedding waits for the connection it saw waiting (another task may take it).
+SHED_ACCEPT_WAIT_S = 0.05
+#: Bytes of a shed connection's request read (and dropped) before it is closed, so that
+#: the close does not reset the connection before the client reads the 503.
+SHED_DRAIN_BYTES = 64 * 1024
 
 WebSocketHandler = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -180,17 +211,30 @@ class HttpConnection:
 
 
 class FrontDoor:
-    """Serves HTTP through hypercorn and WebSocket upgrades through ``ws_handler``."""
+    """Serves HTTP through hypercorn and WebSocket upgrades through ``ws_handler``.
+
+    Args:
+        app: the ASGI app.
+        config: hypercorn's settings (:func:`hypercorn_config`).
+        ws_handler: serves a WebSocket upgrade (the stream and the bytes read so far).
+        descriptors: where accepted sockets are counted; a budget of its own when
+            ``None`` (the node passes the one its realtime core admits against).
+    """
 
     def __init__(
         self,
         app: Any,
         config: HypercornConfig,
         ws_handler: WebSocketHandler,
+        *,
+        descriptors: DescriptorBudget | None = None,
     ) -> None:
         self._app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.config = config
         self.ws_handler = ws_handler
+        self.descriptors = descriptors or DescriptorBudget(open_files_limit())
+        self._spare: int | None = None
+        self._accept_burst = BurstLog(log)
         self.context = WorkerContext(None)
         self.state: dict[str, Any] = {}
         self._http: dict[tuple[str, int], HttpConnection] = {}
@@ -249,6 +293,22 @@ class FrontDoor:
                 if conn.idle and conn.idle_since is not None and conn.idle_since < deadline:
                     self._abort(conn)
 
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one accepted connection, then close it and take it off the budget.
+
+        A handler that fails is logged and ends this connection only.
+
+        Cancellation:
+            Cancelling closes the connection at once (the door's shutdown does).
+        """
+        try:
+            await self._handle(stream)
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+            self.descriptors.socket_closed()
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         head = await read_head(stream)
         if head is None:
@@ -262,7 +322,10 @@ class FrontDoor:
             del head
             await handle
             return
-        peer = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+        try:
+            peer = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+        except OSError:
+            return  # reset by the client after sending its request (ENOTCONN)
         conn = HttpConnection(stream, head)
         del head
         if not self._http:
@@ -287,6 +350,81 @@ class FrontDoor:
             upgrade = self.ws_handler(stream, conn.upgrade_head)
             del conn
             await upgrade
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
+        """Accept connections on ``listener`` forever; each is served in ``nursery``.
+
+        Backpressure:
+            When ``accept`` fails for want of descriptors or memory
+            (:data:`ACCEPT_CAPACITY_ERRNOS`), the connections waiting in the backlog are
+            answered 503 (:meth:`_shed`), then accepting pauses for
+            :data:`ACCEPT_RETRY_MIN_S`, doubling up to :data:`ACCEPT_RETRY_MAX_S` while the
+            failures go on. Other ``accept`` errors are raised (trio already retries the
+            harmless ones, such as a connection reset before it was accepted).
+
+        Cancellation:
+            Cancelling stops accepting; accepted connections live on in ``nursery``.
+        """
+        delay = ACCEPT_RETRY_MIN_S
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self._accept_failed(error.errno)
+                await self._shed(listener)
+                await trio.sleep(delay)
+                delay = min(delay * 2, ACCEPT_RETRY_MAX_S)
+                continue
+            delay = ACCEPT_RETRY_MIN_S
+            self.descriptors.socket_opened()
+            self._accept_burst.recovered("accepting connections again")
+            nursery.start_soon(self._serve_connection, stream)
+
+    def _accept_failed(self, number: int) -> None:
+        name = errno.errorcode.get(number, str(number))
+        self.descriptors.accept_failed(name)
+        self._accept_burst.event(
+            "accept failed with %s (%s; %d descriptors in use of %d, %d accepted sockets): "
+            "waiting connections are answered 503 and accepting is retried",
+            name,
+            os.strerror(number),
+            self.descriptors.in_use,
+            self.descriptors.limit,
+            self.descriptors.sockets,
+        )
+
+    async def _shed(self, listener: trio.SocketListener) -> None:
+        """Answer up to :data:`SHED_BATCH` connections waiting in ``listener``'s backlog
+        with 503, each through the spare descriptor (closed to accept it, reopened once
+        the answer is written); nothing without a spare or a waiting connection.
+
+        Backpressure:
+            Each answer is one non-blocking write into the socket's empty send buffer;
+            no connection is waited for, so a slow client cannot hold the spare.
+
+        Cancellation:
+            Safe to cancel: at most the connection being answered is closed unanswered.
+        """
+        for _ in range(SHED_BATCH):
+            if self._spare is None:
+                self._spare = _open_spare()
+            if self._spare is None or not _readable(listener.socket):
+                return
+            os.close(self._spare)
+            self._spare = None
+            stream: trio.SocketStream | None = None
+            with trio.move_on_after(SHED_ACCEPT_WAIT_S):
+                try:
+                    stream = await listener.accept()
+                except OSError:
+                    pass  # a thread took the descriptor first: retried after the pause
+            if stream is None:
+                return
+            _answer_and_close(stream, _unavailable())
+            self.descriptors.shed += 1
+            self._spare = _open_spare()
 
     async def serve(
         self,
@@ -314,22 +452,23 @@ class FrontDoor:
                         stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1
                     )
                 self.bound = [listener.socket.getsockname()[:2] for listener in listeners]
-                async with trio.open_nursery() as accept_nursery:
-                    accept_nursery.start_soon(self._sweep_idle)
+                self._spare = _open_spare()
+                self.descriptors.rebase()
+                _check_room(self.descriptors)
+                try:
+                    async with trio.open_nursery() as accept_nursery:
+                        accept_nursery.start_soon(self._sweep_idle)
+                        for listener in listeners:
+                            accept_nursery.start_soon(self._accept_loop, listener, conn_nursery)
+                        task_status.started(self.bound)
+                        await shutdown.wait()
+                        accept_nursery.cancel_scope.cancel()
+                finally:
                     for listener in listeners:
-                        accept_nursery.start_soon(
-                            partial(
-                                trio.serve_listeners,
-                                self._handle,
-                                [listener],
-                                handler_nursery=conn_nursery,
-                            )
-                        )
-                    task_status.started(self.bound)
-                    await shutdown.wait()
-                    accept_nursery.cancel_scope.cancel()
-                for listener in listeners:
-                    await listener.aclose()
+                        await trio.aclose_forcefully(listener)
+                    if self._spare is not None:
+                        os.close(self._spare)
+                        self._spare = None
                 deadline = trio.current_time() + self.config.graceful_timeout
                 if before_http_drain is not None:
                     with trio.move_on_at(deadline):
@@ -344,6 +483,63 @@ class FrontDoor:
                 conn_nursery.cancel_scope.cancel()
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
+
+
+def _check_room(budget: DescriptorBudget) -> None:
+    """Warn at start when the open-file limit leaves no room for WebSockets."""
+    if not budget.has_room():
+        log.warning(
+            "the open-file limit (%d) leaves no room for WebSocket connections: %d "
+            "descriptors are open and %d are kept in reserve (FD_RESERVE); raise the "
+            "limit (ulimit -n) or lower FD_RESERVE",
+            budget.limit,
+            budget.in_use,
+            budget.reserve,
+        )
+
+
+def _open_spare() -> int | None:
+    """A descriptor held so that one can be freed when the process has none left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _readable(sock: trio.socket.SocketType) -> bool:
+    """True when a connection waits in listening socket ``sock``'s backlog (no wait;
+    ``poll`` needs no descriptor, unlike ``epoll``)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _unavailable() -> bytes:
+    """The 503 answer of a connection the node has no descriptor for."""
+    return raw_failure(
+        ApiError(
+            503,
+            "This node is out of file descriptors; try again later (or another node)",
+            details={"reason": "descriptors"},
+            retry_after=retry_after_s(),
+        )
+    )
+
+
+def _answer_and_close(stream: trio.SocketStream, answer: bytes) -> None:
+    """Write ``answer`` without waiting, drop what the client sent, close: all at once.
+
+    Reading what already arrived keeps the close from resetting the connection (a
+    reset can discard the answer before the client reads it).
+    """
+    sock = stdlib_socket.socket(fileno=stream.socket.detach())
+    with sock:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.send(answer)
+            sock.shutdown(stdlib_socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            sock.recv(SHED_DRAIN_BYTES)
 
 
 def hypercorn_config(*, graceful_timeout_s: float, max_body_bytes: int) -> HypercornConfig:

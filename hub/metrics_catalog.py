@@ -74,6 +74,15 @@ _SPECS = (
         "realtime",
     ),
     MetricSpec(
+        "hub_websocket_upgrades_refused_total",
+        "counter",
+        ("reason",),
+        "WebSocket upgrades answered HTTP 503 before the handshake, by reason: `descriptors` "
+        "(fewer than FD_RESERVE file descriptors would be left), `connections` "
+        "(WS_MAX_CONNECTIONS reached).",
+        "realtime (admission)",
+    ),
+    MetricSpec(
         "hub_subscriptions",
         "gauge",
         (),
@@ -285,6 +294,23 @@ _SPECS = (
         "How late the trio loop woke a 100 ms sleep: time the loop was blocked by "
         "synchronous work. Sustained values over 10 ms delay every connection of the node.",
         "node",
+    ),
+    MetricSpec(
+        "hub_accept_errors_total",
+        "counter",
+        ("error",),
+        "Failed `accept` calls on the listening socket, by errno: `EMFILE` (the process is "
+        "out of file descriptors), `ENFILE` (the system is), `ENOMEM`, `ENOBUFS`. The "
+        "front door pauses and retries; established connections are not affected.",
+        "front door",
+    ),
+    MetricSpec(
+        "hub_connections_shed_total",
+        "counter",
+        (),
+        "Connections answered HTTP 503 and closed right after `accept` because the process "
+        "had no file descriptor left for them.",
+        "front door",
     ),
     MetricSpec(
         "hub_service_restarts_total",

@@ -8,7 +8,9 @@ the node's trio thread (the app's ``/metrics`` view), the synchronous statistics
   link's ``statistics()`` when the actor exposes ``link``;
 * ``node.services.email_worker.statistics()`` and the e-mail queue's ``link``;
 * ``node.webhooks.statistics()`` (the webhook dispatcher, once the node runs it);
-* :class:`hub.supervisor.SupervisorStats`.
+* :class:`hub.supervisor.SupervisorStats`;
+* ``node.realtime.admission.statistics()`` and ``node.descriptors.statistics()``
+  (refused upgrades, failed accepts, shed connections).
 
 A component that is absent (not configured, not built yet) is skipped; one whose
 statistics raise is logged and skipped, so a scrape never fails because of one part.
@@ -112,6 +114,7 @@ class NodeCollector:
         yield from self._email(services)
         yield from self._amqp_links(services)
         yield from self._webhooks(getattr(node, "webhooks", None))
+        yield from self._descriptors(node)
         yield from self._restarts()
 
     # -- realtime ----------------------------------------------------------------------
@@ -213,6 +216,23 @@ class NodeCollector:
         yield deliveries
         yield from _simple(stats, "in_flight", "hub_webhook_deliveries_in_flight")
         yield from _simple(stats, "dropped_events", "hub_webhook_events_dropped_total")
+
+    # -- capacity ------------------------------------------------------------------------
+    def _descriptors(self, node: Node) -> Iterator[Metric]:
+        admission = _read(getattr(getattr(node, "realtime", None), "admission", None), "statistics")
+        if admission is not None:
+            refused = _counter("hub_websocket_upgrades_refused_total")
+            for reason, count in sorted(_as_mapping(admission.get("refused")).items()):
+                refused.add_metric([str(reason)], count)
+            yield refused
+        stats = _read(getattr(node, "descriptors", None), "statistics")
+        if stats is None:
+            return
+        errors = _counter("hub_accept_errors_total")
+        for name, count in sorted(_as_mapping(stats.get("accept_errors")).items()):
+            errors.add_metric([str(name)], count)
+        yield errors
+        yield from _simple(stats, "shed", "hub_connections_shed_total")
 
     def _restarts(self) -> Iterator[Metric]:
         from hub.supervisor import SupervisorStats

@@ -141,6 +141,18 @@ class Settings(BaseSettings):
         description="Largest client frame (close 1009 beyond).",
     )
     ws_send_queue_bytes: int = Field(1024 * 1024, ge=4096, description="Slow consumer → 4009.")
+    ws_max_connections: int = Field(
+        0,
+        ge=0,
+        description="WebSocket connections per node; more upgrades get HTTP 503. 0 → no cap "
+        "(the open-file limit still applies, see FD_RESERVE).",
+    )
+    fd_reserve: int = Field(
+        0,
+        ge=0,
+        description="File descriptors kept free for the node's own needs: WebSocket upgrades "
+        "get HTTP 503 when fewer would be left. 0 → max(64, 2% of RLIMIT_NOFILE).",
+    )
     ws_allow_deflate: bool = Field(
         False,
         description="Accept permessage-deflate when a client asks.",
