@@ -1,7 +1,8 @@
 """RabbitMQ ingest, the trio side (SPEC §4): validate, dedupe, publish, then ack.
 
 Batches of deliveries arrive from the ingest link thread (:mod:`bridge.amqp_ingest`)
-through a bounded memory channel. Each message, one at a time and in delivery order:
+through a bounded memory channel: everything that arrived while the previous batch was
+being handled comes as one batch. Each message, one at a time and in delivery order:
 
 1. is parsed and validated (:func:`parse_message`); an invalid one is dead-lettered to
    ``hub.dlx`` with ``x-hub-reason`` and logged;
@@ -22,9 +23,10 @@ Cancellation:
     the connection; whatever was received and not acked is redelivered by RabbitMQ.
 
 Backpressure:
-    At most :data:`INGEST_MAILBOX_BATCHES` batches (each at most ``AMQP_PREFETCH``
-    messages) wait in the memory channel; beyond that the link thread blocks, stops
-    reading the socket, and RabbitMQ keeps the rest in the queue.
+    RabbitMQ sends at most ``AMQP_PREFETCH`` unacked messages, so at most that many wait
+    between the link thread and this actor (in the link's outbox and at most
+    :data:`INGEST_MAILBOX_BATCHES` batches in the memory channel); the rest stays in the
+    queue. The link thread never waits for trio, so it keeps the connection serviced.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import trio
 
@@ -81,6 +84,7 @@ PUBLISH_RETRY_MAX_S = 5.0
 SHUTDOWN_TIMEOUT_S = 3.0
 
 _FIELDS = frozenset({"channel", "channels", "data", "event", "id"})
+_EVENT_RE = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_EVENT_LENGTH}}}")
 
 
 # -- validation ------------------------------------------------------------------------
@@ -100,9 +104,9 @@ class InvalidMessage(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """A valid message, ready for ``Realtime.publish``."""
+class Notification(NamedTuple):
+    """A valid message, ready for ``Realtime.publish`` (a named tuple: immutable and
+    cheap to build, one per message)."""
 
     channels: list[str]
     data: dict[str, Any]
@@ -118,36 +122,40 @@ def _no_constants(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
-def _name_ok(value: str) -> bool:
-    return 0 < len(value) <= MAX_CHANNEL_LENGTH and all(
-        c.isascii() and (c.isalnum() or c in "_.:-") for c in value
-    )
-
-
 def _channels(message: dict[str, Any]) -> list[str]:
-    if ("channel" in message) == ("channels" in message):
-        raise InvalidMessage("invalid_schema", "exactly one of 'channel' or 'channels' is required")
+    """The message's channels, without repeats, in their first order (a new list)."""
     if "channel" in message:
-        names = [message["channel"]]
-        if not isinstance(names[0], str):
-            raise InvalidMessage("invalid_schema", "'channel' must be a string")
-    else:
-        names = message["channels"]
-        if not isinstance(names, list) or not names:
-            raise InvalidMessage("invalid_schema", "'channels' must be a non-empty list")
-        if len(names) > MAX_CHANNELS:
-            raise InvalidMessage("invalid_schema", f"more than {MAX_CHANNELS} channels")
-        if not all(isinstance(name, str) for name in names):
-            raise InvalidMessage("invalid_schema", "'channels' must hold strings")
-    for name in names:
-        if not is_known_channel(name):
-            shown = name[:MAX_CHANNEL_LENGTH]
+        if "channels" in message:
             raise InvalidMessage(
-                "invalid_channel",
-                f"{shown!r} is not a channel: at most {MAX_CHANNEL_LENGTH} characters of "
-                "[A-Za-z0-9_.:-] in global, public.*, user.<id>, admin or admin.*",
+                "invalid_schema", "exactly one of 'channel' or 'channels' is required"
             )
+        name = message["channel"]
+        if not isinstance(name, str):
+            raise InvalidMessage("invalid_schema", "'channel' must be a string")
+        _check_channel(name)
+        return [name]
+    names = message.get("channels")
+    if names is None and "channels" not in message:
+        raise InvalidMessage("invalid_schema", "exactly one of 'channel' or 'channels' is required")
+    if not isinstance(names, list) or not names:
+        raise InvalidMessage("invalid_schema", "'channels' must be a non-empty list")
+    if len(names) > MAX_CHANNELS:
+        raise InvalidMessage("invalid_schema", f"more than {MAX_CHANNELS} channels")
+    if not all(isinstance(name, str) for name in names):
+        raise InvalidMessage("invalid_schema", "'channels' must hold strings")
+    for name in names:
+        _check_channel(name)
     return list(dict.fromkeys(names))
+
+
+def _check_channel(name: str) -> None:
+    if not is_known_channel(name):
+        shown = name[:MAX_CHANNEL_LENGTH]
+        raise InvalidMessage(
+            "invalid_channel",
+            f"{shown!r} is not a channel: at most {MAX_CHANNEL_LENGTH} characters of "
+            "[A-Za-z0-9_.:-] in global, public.*, user.<id>, admin or admin.*",
+        )
 
 
 def derive_id(body: bytes, properties: BasicProperties | None) -> str:
@@ -173,15 +181,15 @@ def parse_message(body: bytes, properties: BasicProperties | None = None) -> Not
         raise InvalidMessage("invalid_json", str(exc)[:200]) from None
     if not isinstance(message, dict):
         raise InvalidMessage("invalid_schema", "the body must be a JSON object")
-    unknown = sorted(set(message) - _FIELDS)
-    if unknown:
+    if not _FIELDS.issuperset(message):
+        unknown = sorted(set(message) - _FIELDS)
         raise InvalidMessage("invalid_schema", f"unknown field(s): {', '.join(unknown)[:200]}")
     data = message.get("data")
     if not isinstance(data, dict):
         raise InvalidMessage("invalid_schema", "'data' must be a JSON object")
     channels = _channels(message)
     event = message.get("event")
-    if event is not None and not (isinstance(event, str) and _name_ok(event)):
+    if event is not None and not (isinstance(event, str) and _EVENT_RE.fullmatch(event)):
         raise InvalidMessage(
             "invalid_schema", f"'event' must be 1-{MAX_EVENT_LENGTH} characters of [A-Za-z0-9_.:-]"
         )
@@ -270,7 +278,7 @@ class IngestActor:
         self._unflushed = 0
         self._ack_due = trio.Event()
         self._stopping = False
-        self._idle_scope: trio.CancelScope | None = None
+        self._idle = False  # waiting for the next batch
         self._running = False
         self._exited = trio.Event()
         self._changed = trio.Event()
@@ -393,19 +401,19 @@ class IngestActor:
         self._published += 1
 
     async def _next_batch(self) -> list[Delivery] | None:
-        with trio.CancelScope() as scope:
-            self._idle_scope = scope
-            if self._stopping:
-                scope.cancel()
-            try:
-                return await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return None
-            finally:
-                self._idle_scope = None
-        return None  # cancelled by stop()
+        """The next batch, or ``None`` once the channel is closed (:meth:`stop` closes
+        it while this waits: no cancel scope per batch, which would cost as much as
+        handling a small batch)."""
+        self._idle = True
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+        finally:
+            self._idle = False
 
     async def _consume(self) -> None:
+        # No checkpoint of its own: receive() is one, batch or not.
         while not self._stopping:
             batch = await self._next_batch()
             if batch is None:
@@ -416,7 +424,6 @@ class IngestActor:
                 await self._handle(delivery)
                 self._done(delivery)
             self._bump()
-            await trio.lowlevel.checkpoint()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Consume until :meth:`stop` (returns) or a crash (raises; the connection is
@@ -452,8 +459,11 @@ class IngestActor:
             the connection is closed without the last acks (those messages come back).
         """
         self._stopping = True
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        if self._idle:
+            # Waiting for deliveries: queue the last acks first (the link thread runs
+            # them before it closes), then end the wait by closing the channel.
+            self._flush_acks()
+            self._receive.close()
         if self._running:
             await self._exited.wait()
         self._flush_acks()

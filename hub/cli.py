@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import logging
 
-    from hub.node import open_node, serve_node
+    from hub.node import freeze_startup_heap, open_node, serve_node
 
     log = logging.getLogger("hub")
     shutdown = trio.Event()
@@ -108,6 +108,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
                 task_status=task_status,
             )
         )
+        freeze_startup_heap()
         for host, port in bound:
             log.info(
                 "serving on http://%s:%s",

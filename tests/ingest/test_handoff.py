@@ -1,0 +1,110 @@
+"""The hand-off between the ingest link thread and the trio side, against the real
+RabbitMQ: a busy trio side never blocks the link thread and loses or reorders nothing,
+and a stop right after the last message still acks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from actors.ingest import IngestActor
+from bridge.amqp_connection import AmqpLink, open_amqp_link
+from bridge.amqp_ingest import QUEUE, Delivery, IngestConsumer
+from bridge.dedupe import MemoryDedupe
+from tests.ingest.rabbit import Producer, Vhost, publish_paced, queue_depth
+
+TIMEOUT_S = 20
+PREFETCH = 100
+
+
+class GatedRealtime:
+    """Records publishes; every publish waits for ``gate`` (a busy fan-out)."""
+
+    def __init__(self) -> None:
+        self.published: list[dict[str, Any]] = []
+        self.gate = trio.Event()
+
+    async def publish(self, channels: list[str], data: dict[str, Any], **_: Any) -> None:
+        await self.gate.wait()
+        self.published.append(data)
+
+
+@asynccontextmanager
+async def ingest(
+    url: str,
+    realtime: GatedRealtime,
+    *,
+    mailbox: int,
+    ack_batch: int = PREFETCH // 2,
+    ack_interval_s: float = 0.005,
+) -> AsyncIterator[tuple[IngestActor, IngestConsumer, AmqpLink]]:
+    send, receive = trio.open_memory_channel[list[Delivery]](mailbox)
+    consumer = IngestConsumer(send, prefetch=PREFETCH, node_id="test-node")
+    async with open_amqp_link(url, name="test-node/ingest", handler=consumer) as link:
+        actor = IngestActor(
+            realtime,
+            MemoryDedupe(),
+            link,
+            consumer,
+            receive,
+            ack_batch=ack_batch,
+            ack_interval_s=ack_interval_s,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            with trio.fail_after(TIMEOUT_S):
+                await link.wait_connected()
+            yield actor, consumer, link
+            with trio.fail_after(TIMEOUT_S):
+                await actor.stop()
+        receive.close()
+
+
+async def test_a_busy_trio_side_holds_deliveries_in_order(vhost: Vhost) -> None:
+    realtime = GatedRealtime()
+    total = PREFETCH - 20  # all of it reaches the node while the gate is shut
+    messages: list[dict[str, Any] | bytes] = [
+        {"channel": "public.handoff", "data": {"n": i}, "id": f"h{i}"} for i in range(total)
+    ]
+    # A one-batch mailbox: the first delivery is stuck at the gate, the next batch fills
+    # the mailbox, and the ones after it must wait for room without blocking the thread.
+    async with ingest(vhost.url, realtime, mailbox=1) as (actor, consumer, link):
+        async with trio.open_nursery() as nursery:
+            # Paced, so that the deliveries reach the node in many separate rounds.
+            nursery.start_soon(trio.to_thread.run_sync, publish_paced, vhost.url, messages, 500)
+            with trio.fail_after(TIMEOUT_S):
+                while consumer.held_batches == 0:
+                    # Each call is a round trip through the link thread: it answers
+                    # while trio is stuck, and the deliveries of that round are handed
+                    # over before the next one.
+                    assert await link.call(lambda: 42) == 42
+        assert realtime.published == []  # everything is still waiting at the gate
+        realtime.gate.set()
+        with trio.fail_after(TIMEOUT_S):
+            await actor.wait_until(lambda s: s.acked == total)
+    assert [data["n"] for data in realtime.published] == list(range(total))
+    assert actor.statistics().duplicates == 0
+    assert queue_depth(vhost.url, QUEUE) == (0, 0)
+
+
+async def test_stop_right_after_the_last_message_acks_it(vhost: Vhost) -> None:
+    realtime = GatedRealtime()
+    realtime.gate.set()
+    total = 30
+    # Acks would only go out at the stop: a batch larger than the stream, a long interval.
+    async with ingest(
+        vhost.url, realtime, mailbox=4, ack_batch=PREFETCH // 2, ack_interval_s=60.0
+    ) as (actor, _, _):
+        producer = Producer(vhost.url)
+        for i in range(total):
+            producer.publish({"channel": "public.handoff", "data": {"n": i}, "id": f"s{i}"})
+        producer.close()
+        with trio.fail_after(TIMEOUT_S):
+            await actor.wait_until(lambda s: s.published == total)
+        assert actor.statistics().acked == 0  # nothing flushed yet: the stop must do it
+    assert actor.statistics().acked == total
+    assert queue_depth(vhost.url, QUEUE) == (0, 0)  # nothing was requeued
