@@ -342,6 +342,15 @@ class Realtime:
             return {names[0]: await broker.publish(names[0], body, message_id=message_id)}
         offsets: dict[str, str] = {}
         errors: list[Exception] = []
+        if not broker.concurrent_publishes:  # a task per channel would cost more
+            for name in names:
+                try:
+                    offsets[name] = await broker.publish(name, body, message_id=message_id)
+                except Exception as error:  # raised below, once every channel was tried
+                    errors.append(error)
+            if errors:
+                raise errors[0]
+            return offsets
 
         async def publish_one(name: str) -> None:
             try:

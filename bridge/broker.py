@@ -104,7 +104,14 @@ class Broker(Protocol):
         channel unknown; the hub only cancels them when the node stops. A cancelled
         ``publish`` may or may not have published (callers retry with the same
         ``message_id``, which dedupes).
+
+    Attributes:
+        concurrent_publishes: True when publishing to many channels is cheaper with
+            concurrent ``publish`` calls (the Redis client pipelines them into one
+            write) than one after another (the in-process broker).
     """
+
+    concurrent_publishes: bool
 
     async def publish(self, channel: str, payload: bytes, *, message_id: str | None = None) -> str:
         """Append ``payload`` to the channel's history, fan it out to every node

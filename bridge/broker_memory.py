@@ -96,6 +96,9 @@ class MemoryBroker:
         :meth:`prune` (run by :func:`open_memory_broker`) drops what expired.
     """
 
+    #: Publishing is local and cheap: one after another.
+    concurrent_publishes = False
+
     def __init__(
         self,
         handler: BrokerEventHandler,

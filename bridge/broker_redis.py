@@ -249,6 +249,9 @@ class RedisBroker:
         ``unsubscribe`` leave the wanted set updated even when cancelled.
     """
 
+    #: Concurrent calls are pipelined into one write.
+    concurrent_publishes = True
+
     def __init__(
         self,
         handler: BrokerEventHandler,
