@@ -12,7 +12,7 @@
 - ``--redis-url``: ``AsyncRedisManager`` (python-socketio's way to run several servers):
   every emit goes through Redis pub/sub to every server, which delivers to its own room
   members. Offsets are counted by the server that takes the publish.
-- ``--heartbeat S``: engine.io pings every ``S`` s with an ``S`` s timeout (clients answer
+- ``--heartbeat S``: engine.io pings every ``S`` s with a ``2S`` s timeout (clients answer
   ``2`` with ``3``); without it the interval is an hour, since the counting subscribers
   never answer. uvicorn's own WebSocket pings are off either way (socket.io has its own).
 
@@ -48,7 +48,7 @@ def build_app(heartbeat_s: float | None, redis_url: str | None) -> Any:
         async_mode="asgi",
         client_manager=manager,
         ping_interval=interval,
-        ping_timeout=interval,
+        ping_timeout=2 * interval,  # as the hub's HEARTBEAT_TIMEOUT: twice the interval
         cors_allowed_origins=[],
     )
     channels = Channels()
