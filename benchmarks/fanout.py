@@ -452,20 +452,27 @@ def run_fanout(
             return int(base["text_frames"] + (published + phase_published) * opened["ok"])
 
         phases: dict[str, Any] = {}
-        phases["max"] = run_clean_phase(
-            "max",
-            pool,
-            publisher,
-            probe,
-            retries=args.retries,
-            quiet_timeout_s=args.quiet_timeout,
-            expected=expected,
-            rate=None,
-            inflight=args.inflight,
-            warmup=args.warmup,
-            duration=args.duration,
-        )
-        published += phases["max"]["published_all_attempts"]
+
+        def measure(name: str, rate: float | None) -> dict[str, Any]:
+            """One clean window at ``rate`` (None: closed loop), counted as published."""
+            nonlocal published
+            phase = phases[name] = run_clean_phase(
+                name,
+                pool,
+                publisher,
+                probe,
+                retries=args.retries,
+                quiet_timeout_s=args.quiet_timeout,
+                expected=expected,
+                rate=rate,
+                inflight=args.inflight,
+                warmup=args.warmup,
+                duration=args.duration,
+            )
+            published += phase["published_all_attempts"]
+            return phase
+
+        measure("max", None)
         print(
             f"  N={n} max: {phases['max']['delivered_per_s']:,} deliveries/s, "
             f"{phases['max']['published_per_s']} msgs/s, "
@@ -474,38 +481,11 @@ def run_fanout(
             f"others {phases['max']['foreign_cpu_pct']}%",
             flush=True,
         )
-        half_rate = max(1.0, phases["max"]["published_per_s"] / 2)
-        phases["half"] = run_clean_phase(
-            "half",
-            pool,
-            publisher,
-            probe,
-            retries=args.retries,
-            quiet_timeout_s=args.quiet_timeout,
-            expected=expected,
-            rate=half_rate,
-            inflight=args.inflight,
-            warmup=args.warmup,
-            duration=args.duration,
-        )
-        published += phases["half"]["published_all_attempts"]
+        measure("half", max(1.0, phases["max"]["published_per_s"] / 2))
         fixed_rate = args.fixed_deliveries / max(1, opened["ok"])
         fixed_cap = FIXED_MAX_SHARE * phases["max"]["published_per_s"]
         if args.fixed_deliveries and fixed_rate <= fixed_cap:
-            phases["fixed"] = run_clean_phase(
-                "fixed",
-                pool,
-                publisher,
-                probe,
-                retries=args.retries,
-                quiet_timeout_s=args.quiet_timeout,
-                expected=expected,
-                rate=fixed_rate,
-                inflight=args.inflight,
-                warmup=args.warmup,
-                duration=args.duration,
-            )
-            published += phases["fixed"]["published_all_attempts"]
+            measure("fixed", fixed_rate)
             print(
                 f"  N={n} fixed {args.fixed_deliveries:,.0f} deliveries/s: "
                 f"p50 {phases['fixed']['latency_ms_p50']} ms, "
@@ -532,16 +512,16 @@ def run_fanout(
         count_snaps = [s for s in final_snaps if s["mode"] == "count"]
         count_bytes = sum(s["bytes"] for s in count_snaps)
         count_frames = sum(s["text_frames"] for s in count_snaps)
-        expected = base["text_frames"] + published * opened["ok"]
+        expected_total = base["text_frames"] + published * opened["ok"]
         received = final["text_frames"]
         checks = {
             "connections_failed": opened["failed"],
             "connections_lost": final["dead"],
             "close_codes": final["close_codes"],
-            "expected_deliveries": expected - base["text_frames"],
+            "expected_deliveries": expected_total - base["text_frames"],
             "received_deliveries": received - base["text_frames"],
-            "missing_deliveries": max(0, expected - received),
-            "extra_deliveries": max(0, received - expected),
+            "missing_deliveries": max(0, expected_total - received),
+            "extra_deliveries": max(0, received - expected_total),
             "bad_frames": final["bad_frames"],
             "sample_checked": final["checked"],
             "sample_gaps": final["gaps"],
