@@ -195,21 +195,19 @@ class ChannelActor:
                 held.append((publication, frame))
                 if len(held) > MAX_RECOVERY_BUFFER:
                     conn.close_soon(CloseCode.SLOW_CONSUMER)
+        inline = not self._backlog and len(self.subscribers) <= INLINE_MAX_SUBSCRIBERS
+        self._append(frame)
         if self._sweeping:
-            self._append(frame)
-        elif (
-            not self._backlog and len(self.subscribers) <= INLINE_MAX_SUBSCRIBERS
-        ) or self._spawn is None:
-            self._append(frame)
+            return  # the running sweep picks it up
+        if inline or self._spawn is None:
             self._sweep_inline()
-        else:
-            self._append(frame)
-            self._sweeping = True
-            try:
-                self._spawn(self._sweep)
-            except RuntimeError:  # the nursery is closing: the node is stopping
-                self._sweeping = False
-                self._sweep_inline()
+            return
+        self._sweeping = True
+        try:
+            self._spawn(self._sweep)
+        except RuntimeError:  # the nursery is closing: the node is stopping
+            self._sweeping = False
+            self._sweep_inline()
 
     def _append(self, frame: bytes) -> None:
         self._backlog.append(frame)
