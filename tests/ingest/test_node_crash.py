@@ -174,9 +174,11 @@ async def test_node_killed_mid_stream_every_message_arrives(vhost: Vhost, tmp_pa
                         stop_producer,
                     )
                     await client.wait_for(TOTAL // 5, timeout=WAIT_S)
+                    # Killed first, at once: taking the vhost's permissions away goes
+                    # through rabbitmqctl, which can outlast the rest of the stream.
+                    node_a.process.kill()  # SIGKILL: no graceful anything
                     # Keep the next node away from RabbitMQ until the client is back.
                     await trio.to_thread.run_sync(vhost.set_access, False)
-                    node_a.process.kill()  # SIGKILL: no graceful anything
                     with trio.fail_after(WAIT_S):
                         await node_a.process.wait()
                         while client.collecting:
