@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from actors.channel import ChannelActor, ChannelState, FanoutStats
+from actors.channel import ChannelActor, ChannelState, FanoutBatch, FanoutStats
 from actors.close_codes import CloseCode
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ class Hub:
         self.draining = False
         self.opened = 0
         self.fanout = FanoutStats()
+        #: Open it around a batch of publications: small channels then write each
+        #: subscriber once per batch (:class:`~actors.channel.FanoutBatch`).
+        self.fanout_batch = FanoutBatch()
         self.publications = 0
         self.gaps = 0
         #: frames not written, by reason ("slow_consumer": queued when closed with 4009;
@@ -166,7 +169,9 @@ class Hub:
         while True:
             actor = self.channels.get(name)
             if actor is None:
-                actor = self.channels[name] = ChannelActor(name, self.fanout, self._spawn)
+                actor = self.channels[name] = ChannelActor(
+                    name, self.fanout, self._spawn, self.fanout_batch
+                )
                 try:
                     await self.broker.subscribe(name)
                 except BaseException:
@@ -285,6 +290,7 @@ class Hub:
             "channels": len(self.channels),
             "publications": self.publications,
             "delivered": self.delivered,
+            "fanout_writes": self.fanout.writes,
             "gaps": self.gaps,
             "closed": dict(self.closed),
             "closing": dict(closing),

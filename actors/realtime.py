@@ -37,6 +37,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from actors import protocol
 from actors.admission import Admission
+from actors.channel import FanoutBatch
 from actors.close_codes import CloseCode
 from actors.connection import Authenticator, ConnectionActor, ConnectionLimits
 from actors.hub import Hub
@@ -120,6 +121,12 @@ class Realtime:
         #: Awaited with ``(event, message id, data)`` for each published message that has
         #: an ``event`` (the webhook dispatcher sets it; see actors/webhook_dispatcher.py).
         self.event_hook: Callable[[str, str, dict[str, Any]], Awaitable[None]] | None = None
+
+    def fanout_batch(self) -> FanoutBatch:
+        """A context manager for publishing many messages at once: while it is open,
+        small channels write each subscriber once, when it closes, instead of once per
+        message (:class:`~actors.channel.FanoutBatch`)."""
+        return self._hub.fanout_batch
 
     @property
     def hub(self) -> Hub:

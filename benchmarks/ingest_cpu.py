@@ -163,6 +163,9 @@ class NullPublisher:
     async def publish(self, channels: list[str], data: dict[str, Any], **_: Any) -> None:
         await trio.lowlevel.checkpoint()
 
+    def fanout_batch(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
 
 def _producer(url: str, mode: str, amount: float, duration: float, tag: str) -> None:
     os.sched_setaffinity(0, range(os.cpu_count() or 1))  # not the node's CPU only

@@ -119,6 +119,15 @@ _SPECS = (
         "realtime",
     ),
     MetricSpec(
+        "hub_fanout_writes_total",
+        "counter",
+        (),
+        "Socket writes that carried those frames (one per subscriber and sweep or batch); "
+        "`hub_messages_delivered_total` divided by this is how many frames a write "
+        "coalesced.",
+        "realtime",
+    ),
+    MetricSpec(
         "hub_messages_dropped_total",
         "counter",
         ("reason",),

@@ -130,6 +130,7 @@ class NodeCollector:
         yield from _simple(stats, "channels", "hub_channels_active")
         yield from _simple(stats, "publications", "hub_messages_fanout_total")
         yield from _simple(stats, "delivered", "hub_messages_delivered_total")
+        yield from _simple(stats, "fanout_writes", "hub_fanout_writes_total")
 
         disconnects = _counter("hub_websocket_disconnects_total")
         for code, count in sorted(_as_mapping(stats.get("closed")).items()):

@@ -6,6 +6,7 @@ End-to-end tests with a real node and WebSocket clients are in ``test_end_to_end
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +47,9 @@ class RecordingRealtime:
             self.fail_next -= 1
             raise ConnectionError("history store down")
         self.published.append((channels, data, event, id))
+
+    def fanout_batch(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
 
 @asynccontextmanager

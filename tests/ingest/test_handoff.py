@@ -5,6 +5,7 @@ and a stop right after the last message still acks it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +32,9 @@ class GatedRealtime:
     async def publish(self, channels: list[str], data: dict[str, Any], **_: Any) -> None:
         await self.gate.wait()
         self.published.append(data)
+
+    def fanout_batch(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
 
 @asynccontextmanager
