@@ -73,7 +73,12 @@ class HistoryResult:
 
 
 class BrokerEventHandler(Protocol):
-    """Receives publications from the broker (implemented by the node's hub)."""
+    """Receives publications from the broker (implemented by the node's hub).
+
+    A handler may also have a ``fanout_batch`` context manager (the hub's
+    :class:`~actors.channel.FanoutBatch`): a broker that reads publications in batches
+    opens it around each batch, so fan-out can combine the batch's writes.
+    """
 
     def handle_publication(self, channel: str, publication: Publication) -> None:
         """Deliver ``publication`` to this node's subscribers of ``channel``.

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -263,6 +263,11 @@ class RedisBroker:
         node_id: str = "hub",
     ) -> None:
         self._handler = handler
+        #: Open around each batch read from the pub/sub connection (the hub's
+        #: write-combining, ``Hub.fanout_batch``; optional for other handlers).
+        self._fanout_batch: AbstractContextManager[object] = (
+            getattr(handler, "fanout_batch", None) or nullcontext()
+        )
         self._gap = getattr(handler, "handle_gap", None)
         self.keys = keys
         self._history_size = history_size
@@ -467,6 +472,10 @@ class RedisBroker:
 
     # -- pub/sub receive path (synchronous, in the subscriber's receive loop) -------------
     def _on_messages(self, batch: list[tuple[bytes, bytes]]) -> None:
+        with self._fanout_batch:  # small channels: one write per subscriber and batch
+            self._feed_batch(batch)
+
+    def _feed_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
         channels = self._channels
         prefix_len = self._prefix_len
         self._counters["received"] += len(batch)
