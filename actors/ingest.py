@@ -37,7 +37,7 @@ import logging
 import random
 import re
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -208,6 +208,18 @@ def parse_message(body: bytes, properties: BasicProperties | None = None) -> Not
 
 
 # -- the actor -------------------------------------------------------------------------
+class WriteBatch(Protocol):
+    """A reusable ``with`` block that combines fan-out writes (``FanoutBatch``)."""
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(self, *exc_info: object) -> object: ...
+
+    def flush(self) -> None:
+        """Write out what is deferred now, the block staying open."""
+        ...
+
+
 class Publisher(Protocol):
     """What ingest needs from the realtime core (``actors.realtime.Realtime``)."""
 
@@ -220,7 +232,7 @@ class Publisher(Protocol):
         id: str | None = None,
     ) -> Any: ...
 
-    def fanout_batch(self) -> AbstractContextManager[object]:
+    def fanout_batch(self) -> WriteBatch:
         """Open around a batch of publishes: fan-out writes each subscriber once."""
         ...
 
@@ -379,6 +391,8 @@ class IngestActor:
                     exc,
                     extra={"message_id": message.id},
                 )
+                # What this batch published before stays deferred no longer.
+                self._publisher.fanout_batch().flush()
                 await trio.sleep(delay)
                 backoff = min(backoff * 2, PUBLISH_RETRY_MAX_S)
 

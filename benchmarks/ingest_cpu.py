@@ -47,6 +47,7 @@ from typing import Any
 import pika
 import trio
 
+from actors.channel import FanoutBatch
 from actors.hub import Hub
 from actors.ingest import INGEST_MAILBOX_BATCHES, IngestActor, IngestStatistics
 from actors.realtime import Realtime
@@ -160,11 +161,13 @@ class CountingConsumer(IngestConsumer):
 class NullPublisher:
     """``--null``: publishes nothing (what is left is the AMQP side and the actor)."""
 
+    batch = FanoutBatch()
+
     async def publish(self, channels: list[str], data: dict[str, Any], **_: Any) -> None:
         await trio.lowlevel.checkpoint()
 
-    def fanout_batch(self) -> contextlib.nullcontext[None]:
-        return contextlib.nullcontext()
+    def fanout_batch(self) -> FanoutBatch:
+        return self.batch
 
 
 def _producer(url: str, mode: str, amount: float, duration: float, tag: str) -> None:

@@ -6,7 +6,6 @@ End-to-end tests with a real node and WebSocket clients are in ``test_end_to_end
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pika
 import trio
 
+from actors.channel import FanoutBatch
 from actors.ingest import INGEST_MAILBOX_BATCHES, IngestActor
 from bridge.amqp_connection import open_amqp_link
 from bridge.amqp_ingest import DEAD_LETTER_QUEUE, QUEUE, Delivery, IngestConsumer
@@ -21,6 +21,19 @@ from bridge.dedupe import MemoryDedupe
 from tests.ingest.rabbit import Producer, Vhost, drain_queue, queue_depth
 
 TIMEOUT_S = 20
+
+
+class CountingBatch(FanoutBatch):
+    """The realtime core's write-combining block, counting its early flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.early_flushes = 0
+
+    def flush(self) -> None:
+        if self.active:
+            self.early_flushes += 1
+        super().flush()
 
 
 class RecordingRealtime:
@@ -31,6 +44,7 @@ class RecordingRealtime:
         self.published: list[tuple[list[str], dict[str, Any], str | None, str | None]] = []
         self.fail_next = 0
         self.gate: trio.Event | None = None
+        self.batch = CountingBatch()
 
     async def publish(
         self,
@@ -48,8 +62,8 @@ class RecordingRealtime:
             raise ConnectionError("history store down")
         self.published.append((channels, data, event, id))
 
-    def fanout_batch(self) -> contextlib.nullcontext[None]:
-        return contextlib.nullcontext()
+    def fanout_batch(self) -> FanoutBatch:
+        return self.batch
 
 
 @asynccontextmanager
@@ -151,6 +165,8 @@ async def test_a_failing_publish_holds_the_message_until_it_succeeds(vhost: Vhos
         with trio.fail_after(TIMEOUT_S):
             await actor.wait_until(lambda s: s.acked == 10)
         assert actor.statistics().publish_retries == 4
+        # Before each retry's wait, what the batch had published was written out.
+        assert realtime.batch.early_flushes == 4
     assert [data["n"] for _, data, _, _ in realtime.published] == list(range(10))
 
 

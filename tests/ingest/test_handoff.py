@@ -5,13 +5,13 @@ and a stop right after the last message still acks it.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from actors.channel import FanoutBatch
 from actors.ingest import IngestActor
 from bridge.amqp_connection import AmqpLink, open_amqp_link
 from bridge.amqp_ingest import QUEUE, Delivery, IngestConsumer
@@ -28,13 +28,14 @@ class GatedRealtime:
     def __init__(self) -> None:
         self.published: list[dict[str, Any]] = []
         self.gate = trio.Event()
+        self.batch = FanoutBatch()
 
     async def publish(self, channels: list[str], data: dict[str, Any], **_: Any) -> None:
         await self.gate.wait()
         self.published.append(data)
 
-    def fanout_batch(self) -> contextlib.nullcontext[None]:
-        return contextlib.nullcontext()
+    def fanout_batch(self) -> FanoutBatch:
+        return self.batch
 
 
 @asynccontextmanager
