@@ -511,7 +511,12 @@ async def open_ingest(node: Node) -> AsyncIterator[IngestActor | None]:
         yield None
         return
     send, receive = trio.open_memory_channel[list[Delivery]](INGEST_MAILBOX_BATCHES)
-    consumer = IngestConsumer(send, prefetch=settings.amqp_prefetch, node_id=settings.hub_node_id)
+    consumer = IngestConsumer(
+        send,
+        prefetch=settings.amqp_prefetch,
+        node_id=settings.hub_node_id,
+        handoff_interval_s=settings.amqp_handoff_interval_ms / 1000,
+    )
     dedupe = MemoryDedupe(settings.amqp_dedupe_ttl_s, max_keys=settings.amqp_dedupe_max_keys)
     async with open_amqp_link(
         settings.amqp_url,

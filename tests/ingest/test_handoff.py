@@ -1,6 +1,7 @@
 """The hand-off between the ingest link thread and the trio side, against the real
 RabbitMQ: a busy trio side never blocks the link thread and loses or reorders nothing,
-and a stop right after the last message still acks it.
+a stop right after the last message still acks it, and under steady traffic
+deliveries are handed over in batches at most every ``handoff_interval_s``.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ async def ingest(
     mailbox: int,
     ack_batch: int = PREFETCH // 2,
     ack_interval_s: float = 0.005,
+    handoff_interval_s: float = 0.0,
 ) -> AsyncIterator[tuple[IngestActor, IngestConsumer, AmqpLink]]:
     send, receive = trio.open_memory_channel[list[Delivery]](mailbox)
-    consumer = IngestConsumer(send, prefetch=PREFETCH, node_id="test-node")
+    consumer = IngestConsumer(
+        send, prefetch=PREFETCH, node_id="test-node", handoff_interval_s=handoff_interval_s
+    )
     async with open_amqp_link(url, name="test-node/ingest", handler=consumer) as link:
         actor = IngestActor(
             realtime,
@@ -113,3 +117,28 @@ async def test_stop_right_after_the_last_message_acks_it(vhost: Vhost) -> None:
         assert actor.statistics().acked == 0  # nothing flushed yet: the stop must do it
     assert actor.statistics().acked == total
     assert queue_depth(vhost.url, QUEUE) == (0, 0)  # nothing was requeued
+
+
+async def test_steady_traffic_is_handed_over_in_paced_batches(vhost: Vhost) -> None:
+    realtime = GatedRealtime()
+    realtime.gate.set()
+    total, rate, interval = 400, 800, 0.05  # half a second of traffic
+    messages: list[dict[str, Any] | bytes] = [
+        {"channel": "public.handoff", "data": {"n": i}, "id": f"p{i}"} for i in range(total)
+    ]
+    async with ingest(vhost.url, realtime, mailbox=4, handoff_interval_s=interval) as (
+        actor,
+        consumer,
+        _,
+    ):
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, publish_paced, vhost.url, messages, rate)
+            with trio.fail_after(TIMEOUT_S):
+                await actor.wait_until(lambda s: s.published == total)
+        elapsed = trio.current_time() - started
+    # One message per round would be ~400 hand-overs; paced, one per interval at most
+    # (plus the first, which goes at once).
+    assert consumer.handoffs <= elapsed / interval + 2, (consumer.handoffs, elapsed)
+    assert consumer.handoffs >= 2  # the traffic was not held for the whole stream
+    assert [data["n"] for data in realtime.published] == list(range(total))
