@@ -21,6 +21,7 @@ batches. Both print the latency from the message's scheduled send time (``data.t
 ``handle_publication`` (before fan-out; every 8th message), the garbage collector's
 pauses, context switches, deliveries per connection round and per trio batch.
 ``--cpu 0`` pins the node like the benchmark does (the producer is not pinned);
+``--handoff-ms`` overrides the link thread's hand-over interval (``AMQP_HANDOFF_INTERVAL_MS``);
 ``--null`` replaces the realtime core by a no-op (what is left: AMQP and the actor);
 ``--gc-freeze`` calls ``gc.freeze()`` before measuring.
 
@@ -216,7 +217,15 @@ async def node(url: str, args: argparse.Namespace) -> dict[str, Any]:
         realtime = Realtime(settings, hub, broker, lambda token: None)  # type: ignore[arg-type,return-value]
         send, raw_receive = trio.open_memory_channel[list[Delivery]](INGEST_MAILBOX_BATCHES)
         receive = CountingReceive(raw_receive)
-        consumer = CountingConsumer(send, prefetch=settings.amqp_prefetch, node_id="cpu-bench")
+        consumer = CountingConsumer(
+            send,
+            prefetch=settings.amqp_prefetch,
+            node_id="cpu-bench",
+            handoff_interval_s=(
+                settings.amqp_handoff_interval_ms if args.handoff_ms is None else args.handoff_ms
+            )
+            / 1000,
+        )
         async with open_amqp_link(url, name="cpu-bench/ingest", handler=consumer) as link:
             actor = IngestActor(
                 NullPublisher() if args.null else realtime,
@@ -292,6 +301,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=6500.0)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--null", action="store_true", help="publish nothing")
+    parser.add_argument(
+        "--handoff-ms",
+        type=float,
+        default=None,
+        help="the link thread's hand-over interval (default: AMQP_HANDOFF_INTERVAL_MS)",
+    )
     parser.add_argument(
         "--gc-freeze", action="store_true", help="gc.freeze() before measuring (GC pauses)"
     )
