@@ -265,37 +265,39 @@ class ChannelActor:
         self._append(frame)
         if self._sweeping:
             return  # the running sweep picks it up
+        if not inline:
+            self._start_sweep()
+            return
         batch = self._batch
-        if inline and batch is not None and batch._depth:
+        if batch is not None and batch.active:
             if not self._deferred:
                 self._deferred = True
                 batch.defer(self)
-            if len(self._backlog) >= DEFER_MAX_FRAMES:
-                self._sweep_inline()
-            return
-        if inline or self._spawn is None:
-            self._sweep_inline()
-            return
-        self._sweeping = True
-        try:
-            self._spawn(self._sweep)
-        except RuntimeError:  # the nursery is closing: the node is stopping
-            self._sweeping = False
-            self._sweep_inline()
+            if len(self._backlog) < DEFER_MAX_FRAMES:
+                return
+        self._sweep_inline()
 
     def write_deferred(self) -> None:
         """Write what an open :class:`FanoutBatch` deferred (it calls this at its end)."""
         self._deferred = False
-        if self._backlog and not self._sweeping:
-            if len(self.subscribers) <= INLINE_MAX_SUBSCRIBERS or self._spawn is None:
-                self._sweep_inline()
-                return
+        if not self._backlog or self._sweeping:
+            return
+        if len(self.subscribers) <= INLINE_MAX_SUBSCRIBERS:
+            self._sweep_inline()
+        else:
+            self._start_sweep()
+
+    def _start_sweep(self) -> None:
+        """Sweep in a task of its own (inline without a nursery, or when it is closing:
+        the node is stopping)."""
+        if self._spawn is not None:
             self._sweeping = True
             try:
                 self._spawn(self._sweep)
-            except RuntimeError:  # the nursery is closing: the node is stopping
+                return
+            except RuntimeError:
                 self._sweeping = False
-                self._sweep_inline()
+        self._sweep_inline()
 
     def _append(self, frame: bytes) -> None:
         self._backlog.append(frame)
