@@ -204,12 +204,11 @@ class IngestConsumer:
         self._generation = generation
         self._cancelled = False
         self._timer_armed = False  # a timer of the previous connection died with it
-        channel.add_on_cancel_callback(self._on_cancelled)
         # Deliveries go straight to the buffer: pika's public path through the
         # BlockingChannel's event queue cost ~6 µs more per message (benchmarks.
         # ingest_cpu). _basic_consume_impl(alternate_event_sink=…) is what pika's own
-        # BlockingChannel.consume() uses; pyproject pins pika below 2. A broker
-        # cancel arrives here too.
+        # BlockingChannel.consume() uses; pyproject pins pika below 2. The broker's
+        # cancel arrives through the sink as well.
         channel._basic_consume_impl(
             queue=QUEUE,
             auto_ack=False,
@@ -234,9 +233,7 @@ class IngestConsumer:
             now = time.monotonic()
             wait = self._last_handoff + self._handoff_interval_s - now
             if wait > 0:  # too soon after the last one: keep collecting
-                if not self._timer_armed and self._connection is not None:
-                    self._timer_armed = True
-                    self._connection.call_later(wait, self._on_handoff_due)
+                self._arm_handoff()
                 return
             self._last_handoff = now
         self.handoffs += 1
@@ -250,6 +247,15 @@ class IngestConsumer:
             self._token.run_sync_soon(self._hand_over)
         except trio.RunFinishedError:
             raise LinkStop("ingest stopped") from None
+
+    def _arm_handoff(self) -> None:
+        """Make ``process_data_events`` return when the buffer is due (a pika timer:
+        nothing else wakes the link thread for deliveries)."""
+        if self._timer_armed or self._connection is None:
+            return
+        self._timer_armed = True
+        wait = max(0.0, self._last_handoff + self._handoff_interval_s - time.monotonic())
+        self._connection.call_later(wait, self._on_handoff_due)
 
     def _on_handoff_due(self) -> None:
         # A timer of the link thread: process_data_events returns, on_events hands over.
@@ -300,9 +306,9 @@ class IngestConsumer:
             self._outbox = []
 
     def _on_consumer_event(self, evt: Any) -> None:
-        """A delivery (or the broker's cancel) for the ingest consumer, in the link
-        thread. Deliveries join the buffer; the first of a batch arms a timer so that
-        ``process_data_events`` returns and :meth:`on_events` hands them over."""
+        """A delivery for the ingest consumer, in the link thread: it joins the buffer,
+        and the first of a batch arms the hand-over. The broker's cancel of the consumer
+        comes here too (the sink replaces pika's consumer callbacks)."""
         method = getattr(evt, "method", None)
         if type(method) is not Basic.Deliver:  # a _ConsumerCancellationEvt
             self._on_cancelled(evt)
@@ -319,11 +325,8 @@ class IngestConsumer:
                 method.redelivered,
             )
         )
-        if len(buffer) == 1 and not self._timer_armed and self._connection is not None:
-            # Nothing else makes process_data_events return: a timer does.
-            self._timer_armed = True
-            wait = max(0.0, self._last_handoff + self._handoff_interval_s - time.monotonic())
-            self._connection.call_later(wait, self._on_handoff_due)
+        if len(buffer) == 1:
+            self._arm_handoff()
 
     def _on_cancelled(self, frame: Any) -> None:
         # The queue was deleted or the node is going away: reconnect (and redeclare).
