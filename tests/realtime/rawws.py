@@ -66,6 +66,8 @@ class RawClient:
     sock: trio.socket.SocketType
     buffer: bytearray = field(default_factory=bytearray)
     status_line: bytes = b""
+    #: The head of the server's answer to the upgrade (status line and headers).
+    head: bytes = b""
 
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -157,6 +159,7 @@ async def raw_connect(
         if not await client._fill():
             raise EOFError("no handshake answer")
     head, _, rest = bytes(client.buffer).partition(b"\r\n\r\n")
+    client.head = head
     client.status_line = head.split(b"\r\n", 1)[0]
     client.buffer = bytearray(rest)
     return client

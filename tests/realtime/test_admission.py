@@ -11,7 +11,6 @@ set small before it starts; every client is a real socket.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import socket
 import struct
@@ -26,10 +25,10 @@ import httpx
 import pytest
 import trio
 
-from tests.harness import WAIT_S, Account, RunningNode
+from tests.harness import WAIT_S, Account, RunningNode, clean_env
 from tests.ops.scrape import Scrape
 from tests.realtime.conftest import publish
-from tests.realtime.rawws import RawClient, upgrade_request
+from tests.realtime.rawws import RawClient, raw_connect
 
 #: The node's soft RLIMIT_NOFILE in these tests; its reserve is then the minimum, 64.
 NOFILE = 256
@@ -81,16 +80,6 @@ class LimitedNode:
         return Scrape(response.text)
 
 
-def _env(data_dir: Path) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.isupper() or k in {"PATH", "HOME"}}
-    return keep | {
-        "HUB_DATA_DIR": str(data_dir),
-        "BCRYPT_ROUNDS": "4",
-        "LOG_LEVEL": "INFO",
-        "PATH": os.environ.get("PATH", ""),
-    }
-
-
 #: Run in the child: lower the soft limit, then become ``hub serve`` (limits survive exec).
 _LAUNCH = (
     "import os, resource, sys\n"
@@ -116,7 +105,7 @@ async def _read_logs(
 @pytest.fixture
 async def limited(tmp_path: Path) -> AsyncIterator[LimitedNode]:
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 4 * NOFILE, "test runner's limit"
-    env = _env(tmp_path / "data")
+    env = clean_env(tmp_path)
     created = await trio.run_process(
         [sys.executable, "-m", "hub", *CREATE_ADMIN],
         env=env,
@@ -160,18 +149,9 @@ async def limited(tmp_path: Path) -> AsyncIterator[LimitedNode]:
 async def _upgrade(port: int, token: str, extra_headers: str = "") -> tuple[RawClient, bytes]:
     """Send an upgrade; the client (frames after the answer's head in its buffer) and
     the head of the answer."""
-    sock = trio.socket.socket()
-    await sock.connect(("127.0.0.1", port))
-    client = RawClient(sock)
-    await client.send(upgrade_request(port, token, extra_headers))
     with trio.fail_after(WAIT_S):
-        while b"\r\n\r\n" not in client.buffer:
-            if not await client._fill():
-                raise EOFError("no answer to the upgrade")
-    head, _, rest = bytes(client.buffer).partition(b"\r\n\r\n")
-    client.status_line = head.split(b"\r\n", 1)[0]
-    client.buffer = bytearray(rest)
-    return client, head
+        client = await raw_connect(port, token, extra_headers=extra_headers)
+    return client, client.head
 
 
 async def _subscribed(node: LimitedNode) -> RawClient | None:
