@@ -337,8 +337,9 @@ class Realtime:
     async def _publish_all(
         self, names: list[str], body: bytes, message_id: str | None
     ) -> dict[str, str]:
-        """Publish ``body`` on every channel of ``names`` concurrently (the Redis client
-        pipelines the calls into one write) and return the offsets in ``names`` order.
+        """Publish ``body`` on every channel of ``names`` (concurrently when the broker
+        gains by it: the Redis client pipelines the calls into one write) and return the
+        offsets in ``names`` order.
 
         Each channel gets exactly one publish, so per-channel order is the callers' order.
         Every channel is attempted even when another fails; then the first failure is
@@ -349,15 +350,6 @@ class Realtime:
             return {names[0]: await broker.publish(names[0], body, message_id=message_id)}
         offsets: dict[str, str] = {}
         errors: list[Exception] = []
-        if not broker.concurrent_publishes:  # a task per channel would cost more
-            for name in names:
-                try:
-                    offsets[name] = await broker.publish(name, body, message_id=message_id)
-                except Exception as error:  # raised below, once every channel was tried
-                    errors.append(error)
-            if errors:
-                raise errors[0]
-            return offsets
 
         async def publish_one(name: str) -> None:
             try:
@@ -365,9 +357,13 @@ class Realtime:
             except Exception as error:  # raised below, once every channel was tried
                 errors.append(error)
 
-        async with trio.open_nursery() as nursery:
+        if broker.concurrent_publishes:
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(publish_one, name)
+        else:  # one after another: a task per channel would cost more than the publish
             for name in names:
-                nursery.start_soon(publish_one, name)
+                await publish_one(name)
         if errors:
             raise errors[0]
         return {name: offsets[name] for name in names}
