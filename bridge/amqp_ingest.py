@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -41,6 +42,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 from bridge.amqp_connection import LinkStop
+from bridge.amqp_fastpath import DeliveryReader
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -177,6 +179,8 @@ class IngestConsumer:
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._dlx_channel: BlockingChannel | None = None
+        #: The reader of the current connection's deliveries (link thread only).
+        self.reader: DeliveryReader | None = None
         self._generation = 0
         self._buffer: list[Delivery] = []  # link thread only
         self._handoff_interval_s = handoff_interval_s
@@ -204,16 +208,21 @@ class IngestConsumer:
         self._generation = generation
         self._cancelled = False
         self._timer_armed = False  # a timer of the previous connection died with it
-        # Deliveries go straight to the buffer: pika's public path through the
-        # BlockingChannel's event queue cost ~6 µs more per message (benchmarks.
-        # ingest_cpu). _basic_consume_impl(alternate_event_sink=…) is what pika's own
-        # BlockingChannel.consume() uses; pyproject pins pika below 2. The broker's
-        # cancel arrives through the sink as well.
+        # Deliveries go straight to the buffer. The DeliveryReader parses them out of
+        # the received bytes (pika's frame objects, callbacks and buffer copies were
+        # most of the link thread's CPU per message: benchmarks.ingest_cpu); what it
+        # leaves to pika arrives through the consumer sink, which pika's own
+        # BlockingChannel.consume() uses too (_basic_consume_impl(alternate_event_sink=
+        # …); pyproject pins pika below 2). The broker's cancel arrives there as well.
+        consumer_tag = f"hub.ingest.{uuid.uuid4().hex}"
+        self.reader = DeliveryReader(
+            connection._impl, channel._impl, consumer_tag, self._on_delivery
+        )
         channel._basic_consume_impl(
             queue=QUEUE,
             auto_ack=False,
             exclusive=False,
-            consumer_tag=None,
+            consumer_tag=consumer_tag,
             alternate_event_sink=self._on_consumer_event,
         )
         self._channel, self._dlx_channel = channel, dlx_channel
@@ -324,6 +333,23 @@ class IngestConsumer:
                 method.exchange,
                 method.redelivered,
             )
+        )
+        if len(buffer) == 1:
+            self._arm_handoff()
+
+    def _on_delivery(
+        self,
+        tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        """A delivery parsed by the :class:`DeliveryReader` (link thread)."""
+        buffer = self._buffer
+        buffer.append(
+            Delivery(self._generation, tag, body, properties, routing_key, exchange, redelivered)
         )
         if len(buffer) == 1:
             self._arm_handoff()
