@@ -19,7 +19,7 @@ exactly as pika keeps it. The counters pika's heartbeat checker reads
 It relies on pika 1.x internals (``Connection._on_data_available``, ``_process_frame``,
 ``_frame_buffer``, ``Channel._cancelled``); pyproject pins pika below 2, and the ingest
 tests (redelivery, a cut connection, a broker cancel, oversize bodies split over several
-frames) exercise both paths.
+frames, a body above :data:`MAX_BODY_BYTES`) exercise both paths.
 
 Threading: the link thread only, like everything on a pika connection. Re-entry (pika
 calling it again from inside a frame it processes) is queued, not nested.
@@ -34,10 +34,15 @@ from typing import Any
 from pika import frame as pika_frame
 from pika import spec
 
-__all__ = ["DeliveryReader", "DeliverySink"]
+__all__ = ["MAX_BODY_BYTES", "DeliveryReader", "DeliverySink"]
 
 #: ``sink(delivery_tag, redelivered, exchange, routing_key, properties, body)``
 DeliverySink = Callable[[int, bool, Any, Any, spec.BasicProperties, bytes], None]
+
+#: Larger bodies go through pika: the reader takes a delivery only once all of it has
+#: arrived, so it holds the whole body (and re-joins it per received chunk), while pika
+#: consumes one body frame at a time.
+MAX_BODY_BYTES = 128 * 1024
 
 _FRAME_HEADER = struct.Struct(">BHI")
 _HEADER_SIZE = 7
@@ -195,6 +200,8 @@ class DeliveryReader:
         if buf[head_end - 1] != _FRAME_END or length < _CONTENT_HEADER.size:
             return 0
         _class, _weight, body_size, flags = _CONTENT_HEADER.unpack_from(buf, head + 7)
+        if body_size > MAX_BODY_BYTES:
+            return 0  # pika assembles it frame by frame instead of buffering it whole
         properties = spec.BasicProperties()
         if flags:
             properties.decode(buf[head + 7 + 12 : head_end - 1])

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from bridge.amqp_connection import AmqpLink, open_amqp_link
+from bridge.amqp_fastpath import MAX_BODY_BYTES
 from bridge.amqp_ingest import EXCHANGE, Delivery, IngestConsumer
 from tests.ingest.rabbit import Vhost
 
@@ -166,6 +167,21 @@ async def test_deliveries_are_what_pika_makes_of_them(vhost: Vhost, chop: int) -
         deliveries = await take(receive, len(batch))
         assert consumer.reader is not None
         assert consumer.reader.fast == len(batch)  # none went through pika's assembler
+    reference = await trio.to_thread.run_sync(as_pika_parses, vhost.url, len(batch))
+    assert [seen(d) for d in deliveries] == reference
+    assert [d.tag for d in deliveries] == list(range(1, len(batch) + 1))
+
+
+async def test_a_body_above_the_limit_goes_through_pika_in_order(vhost: Vhost) -> None:
+    small = messages()[:3]
+    big = ("public.huge", b"h" * (MAX_BODY_BYTES + 1), pika.BasicProperties(message_id="h"))
+    batch = [*small, big, *small]
+    async with consuming(f"{vhost.url}?frame_max={FRAME_MAX}", chop=300) as (consumer, _, receive):
+        await trio.to_thread.run_sync(publish, vhost.url, batch)
+        deliveries = await take(receive, len(batch))
+        assert consumer.reader is not None
+        assert consumer.reader.fast == len(batch) - 1
+        assert consumer.reader.slow > MAX_BODY_BYTES // FRAME_MAX  # its frames, one by one
     reference = await trio.to_thread.run_sync(as_pika_parses, vhost.url, len(batch))
     assert [seen(d) for d in deliveries] == reference
     assert [d.tag for d in deliveries] == list(range(1, len(batch) + 1))
