@@ -51,7 +51,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -135,6 +135,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--node-cpu", type=int, default=0)
     parser.add_argument("--gen-cpu", type=int, default=1)
     parser.add_argument("--prefetch", type=int, default=None, help="AMQP_PREFETCH of the node")
+    parser.add_argument(
+        "--rabbit-cpu",
+        type=int,
+        default=None,
+        help="keep the local RabbitMQ's threads on this CPU for the run (default: as it is)",
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the node (repeatable), e.g. AMQP_HANDOFF_INTERVAL_MS=5",
+    )
     parser.add_argument(
         "--servers",
         nargs="+",
@@ -472,6 +485,31 @@ def queue_depth(url: str) -> int:
 def rabbit_pid() -> int | None:
     result = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
     return int(result.stdout.split()[0]) if result.returncode == 0 and result.stdout else None
+
+
+@contextlib.contextmanager
+def rabbit_pinned(cpu: int | None) -> Iterator[None]:
+    """Keep every thread of the local RabbitMQ on ``cpu`` for the block (``None``: leave
+    it as it is), then give each its former CPUs back. With the node on another CPU,
+    the node's core is its own, as when RabbitMQ runs on a machine of its own."""
+    pid = rabbit_pid() if cpu is not None else None
+    if pid is None:
+        yield
+        return
+    saved: dict[int, set[int]] = {}
+    for entry in os.listdir(f"/proc/{pid}/task"):
+        tid = int(entry)
+        try:
+            saved[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {cpu})
+        except OSError:  # the thread ended, or no permission
+            continue
+    try:
+        yield
+    finally:
+        for tid, cpus in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
 
 
 class Probe:
@@ -892,19 +930,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"AMQP_URL": vhost.url, "LOG_LEVEL": "WARNING", "AMQP_RECONNECT_MAX_S": "0.5"}
     if args.prefetch:
         overrides["AMQP_PREFETCH"] = str(args.prefetch)
+    for setting in args.setting:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--setting {setting!r}: expected NAME=VALUE")
+        overrides[name] = value
     try:
-        if "hub" in args.servers:
-            run_hub(args, vhost, overrides, report)
-        if "socketio" in args.servers and not peer_available():
-            print("socketio peer skipped: pip install -e '.[bench]'")
-        elif "socketio" in args.servers:
-            port = free_port()
-            with PeerProcess(port, vhost.url, cpu=args.node_cpu) as peer:
-                peer.start()
-                target = Target("socketio", peer.pid, peer_spec(port), vhost)
-                for channels in args.channels:
-                    print(f"socketio peer: {args.subscribers} subscribers on {channels} channels …")
-                    report["runs"].append(run_layout(args, target, channels))
+        with rabbit_pinned(args.rabbit_cpu):
+            if "hub" in args.servers:
+                run_hub(args, vhost, overrides, report)
+            if "socketio" in args.servers and not peer_available():
+                print("socketio peer skipped: pip install -e '.[bench]'")
+            elif "socketio" in args.servers:
+                port = free_port()
+                with PeerProcess(port, vhost.url, cpu=args.node_cpu) as peer:
+                    peer.start()
+                    target = Target("socketio", peer.pid, peer_spec(port), vhost)
+                    for channels in args.channels:
+                        print(
+                            f"socketio peer: {args.subscribers} subscribers on "
+                            f"{channels} channels …"
+                        )
+                        report["runs"].append(run_layout(args, target, channels))
     finally:
         vhost.delete()
     report["targets_met"] = targets_met(report)
