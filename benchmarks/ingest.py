@@ -9,7 +9,10 @@ Usage::
 A node (``hub serve`` with ``AMQP_URL`` on a throw-away vhost) runs pinned to
 ``--node-cpu``; the generator (counting subscriber processes, one sample process and
 ``--producers`` publisher processes; :mod:`benchmarks.loadgen`) runs pinned to
-``--gen-cpu``. RabbitMQ itself is not pinned. Subscriber ``i`` subscribes to channel
+``--gen-cpu``. RabbitMQ itself is not pinned unless ``--rabbit-cpu`` says where to keep
+it for the run (``--rabbit-cpu 1``: beside the generator, leaving the node's core to the
+node, as when RabbitMQ runs on a machine of its own). ``--setting NAME=VALUE`` passes a
+setting to the node (e.g. ``AMQP_HANDOFF_INTERVAL_MS=5``). Subscriber ``i`` subscribes to channel
 ``public.ingest.<i mod C>`` and message ``k`` goes to channel ``k mod C``, so each message
 reaches ``N / C`` subscribers. For each channel count C:
 
