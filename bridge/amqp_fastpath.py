@@ -167,6 +167,20 @@ class DeliveryReader:
             raise
         return pos
 
+    def _frame_end(self, buf: bytes, at: int, kind: int) -> int:
+        """Where the frame of ``kind`` on this channel that starts at ``at`` ends: ``-1``
+        when it has not all arrived yet, ``0`` when another frame (or a bad one) is
+        there."""
+        if len(buf) - at < _HEADER_SIZE:
+            return -1
+        found, channel, length = _FRAME_HEADER.unpack_from(buf, at)
+        if found != kind or channel != self._channel_number:
+            return 0
+        end = at + _HEADER_SIZE + length + 1
+        if end > len(buf):
+            return -1
+        return end if buf[end - 1] == _FRAME_END else 0
+
     def _deliver(self, buf: bytes, pos: int, end: int) -> int:
         """Take the delivery whose method frame is ``buf[pos:end]`` with its content.
 
@@ -176,7 +190,7 @@ class DeliveryReader:
         if buf[end - 1] != _FRAME_END:
             return 0
         tag_bytes = self._tag_bytes
-        at = pos + 11
+        at = pos + _HEADER_SIZE + len(_DELIVER)  # the consumer tag
         if buf[at : at + len(tag_bytes)] != tag_bytes or self._tag in self._channel._cancelled:
             return 0
         at += len(tag_bytes)
@@ -185,26 +199,20 @@ class DeliveryReader:
         exchange, at = _short_string(buf, at + 9)
         routing_key, _ = _short_string(buf, at)
 
-        size = len(buf)
-        number = self._channel_number
         # The content header frame.
         head = end
-        if size - head < _HEADER_SIZE:
-            return -1
-        kind, channel, length = _FRAME_HEADER.unpack_from(buf, head)
-        if kind != _HEADER or channel != number:
+        head_end = self._frame_end(buf, head, _HEADER)
+        if head_end <= 0:
+            return head_end
+        if head_end - head - _HEADER_SIZE - 1 < _CONTENT_HEADER.size:
             return 0
-        head_end = head + _HEADER_SIZE + length + 1
-        if head_end > size:
-            return -1
-        if buf[head_end - 1] != _FRAME_END or length < _CONTENT_HEADER.size:
-            return 0
-        _class, _weight, body_size, flags = _CONTENT_HEADER.unpack_from(buf, head + 7)
+        payload = head + _HEADER_SIZE
+        _class, _weight, body_size, flags = _CONTENT_HEADER.unpack_from(buf, payload)
         if body_size > MAX_BODY_BYTES:
             return 0  # pika assembles it frame by frame instead of buffering it whole
         properties = spec.BasicProperties()
-        if flags:
-            properties.decode(buf[head + 7 + 12 : head_end - 1])
+        if flags:  # pika decodes from the flags on (after class, weight and body size)
+            properties.decode(buf[payload + 12 : head_end - 1])
         frames = 2  # the method and the content header
         # The body frames.
         at = head_end
@@ -214,18 +222,11 @@ class DeliveryReader:
             parts: list[bytes] = []
             have = 0
             while have < body_size:
-                if size - at < _HEADER_SIZE:
-                    return -1
-                kind, channel, length = _FRAME_HEADER.unpack_from(buf, at)
-                if kind != _BODY or channel != number:
-                    return 0
-                part_end = at + _HEADER_SIZE + length + 1
-                if part_end > size:
-                    return -1
-                if buf[part_end - 1] != _FRAME_END:
-                    return 0
+                part_end = self._frame_end(buf, at, _BODY)
+                if part_end <= 0:
+                    return part_end
                 parts.append(buf[at + _HEADER_SIZE : part_end - 1])
-                have += length
+                have += part_end - at - _HEADER_SIZE - 1
                 frames += 1
                 at = part_end
             if have != body_size:
