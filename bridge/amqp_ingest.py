@@ -315,27 +315,21 @@ class IngestConsumer:
             self._outbox = []
 
     def _on_consumer_event(self, evt: Any) -> None:
-        """A delivery for the ingest consumer, in the link thread: it joins the buffer,
-        and the first of a batch arms the hand-over. The broker's cancel of the consumer
-        comes here too (the sink replaces pika's consumer callbacks)."""
+        """What pika delivers to the ingest consumer itself, in the link thread: the
+        deliveries the :class:`DeliveryReader` left to pika, and the broker's cancel of
+        the consumer (the sink replaces pika's consumer callbacks)."""
         method = getattr(evt, "method", None)
         if type(method) is not Basic.Deliver:  # a _ConsumerCancellationEvt
             self._on_cancelled(evt)
             return
-        buffer = self._buffer
-        buffer.append(
-            Delivery(
-                self._generation,
-                method.delivery_tag,
-                evt.body,
-                evt.properties,
-                method.routing_key,
-                method.exchange,
-                method.redelivered,
-            )
+        self._on_delivery(
+            method.delivery_tag,
+            method.redelivered,
+            method.exchange,
+            method.routing_key,
+            evt.properties,
+            evt.body,
         )
-        if len(buffer) == 1:
-            self._arm_handoff()
 
     def _on_delivery(
         self,
@@ -346,7 +340,8 @@ class IngestConsumer:
         properties: BasicProperties,
         body: bytes,
     ) -> None:
-        """A delivery parsed by the :class:`DeliveryReader` (link thread)."""
+        """A delivery, in the link thread (from the :class:`DeliveryReader` or pika): it
+        joins the buffer, and the first of a batch arms the hand-over."""
         buffer = self._buffer
         buffer.append(
             Delivery(self._generation, tag, body, properties, routing_key, exchange, redelivered)
