@@ -70,6 +70,9 @@ log = logging.getLogger("hub.actors.ingest")
 
 #: Batches waiting between the link thread and the consumer task.
 INGEST_MAILBOX_BATCHES = 4
+#: Most deliveries handled under one write-combining batch: batches that queued up in
+#: the mailbox while the previous one was handled are joined up to this many.
+MERGE_MAX_DELIVERIES = 256
 #: Largest accepted message body (bigger ones are dead-lettered as ``oversize``).
 MAX_MESSAGE_BYTES = 64 * 1024
 #: Most channels in one message's ``channels``.
@@ -421,14 +424,26 @@ class IngestActor:
     async def _next_batch(self) -> list[Delivery] | None:
         """The next batch, or ``None`` once the channel is closed (:meth:`stop` closes
         it while this waits: no cancel scope per batch, which would cost as much as
-        handling a small batch)."""
+        handling a small batch).
+
+        Batches that queued up behind it (this task was busy, so the link thread handed
+        over more meanwhile) are joined to it, up to :data:`MERGE_MAX_DELIVERIES`: a
+        node that falls behind writes each subscriber once for all of them, which is
+        how it catches up. A node keeping up gets the batches one at a time, as before.
+        """
         self._idle = True
         try:
-            return await self._receive.receive()
+            batch = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return None
         finally:
             self._idle = False
+        while len(batch) < MERGE_MAX_DELIVERIES:
+            try:
+                batch += self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break  # a closed channel ends the loop at the next receive()
+        return batch
 
     async def _consume(self) -> None:
         # No checkpoint of its own: receive() is one, batch or not.

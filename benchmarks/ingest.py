@@ -54,6 +54,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -474,6 +475,38 @@ def _producer_main(ctrl: Any, config: ProducerConfig) -> None:
             return
 
 
+#: The node's counters read at both ends of a window (``None`` for the peer).
+NODE_COUNTERS = ("hub_messages_delivered_total", "hub_fanout_writes_total")
+
+
+def node_counters(metrics_url: str | None) -> dict[str, float] | None:
+    """:data:`NODE_COUNTERS` from the node's ``/metrics`` (``None`` when unreadable)."""
+    if metrics_url is None:
+        return None
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.partition("{")[0] in NODE_COUNTERS:
+            found[name.partition("{")[0]] = float(value)
+    return found if len(found) == len(NODE_COUNTERS) else None
+
+
+def per_second_p99(latencies: list[float], seconds: float) -> list[float | None]:
+    """p99 of each of ``round(seconds)`` equal slices of ``latencies`` in receive order
+    (one slice per second of the window at a steady rate): shows whether a tail is an
+    episode or spread over the window."""
+    parts = max(1, round(seconds))
+    n = len(latencies)
+    return [
+        ms(percentile(latencies[i * n // parts : (i + 1) * n // parts], 99)) for i in range(parts)
+    ]
+
+
 def queue_depth(url: str) -> int:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -516,10 +549,18 @@ def rabbit_pinned(cpu: int | None) -> Iterator[None]:
 
 
 class Probe:
-    """CPU time of the node, the generator, the producers and RabbitMQ."""
+    """CPU time of the node, the generator, the producers and RabbitMQ; the node's
+    ``/metrics`` address (``None`` for the peer)."""
 
-    def __init__(self, node_pid: int, gen_pids: list[int], producer_pids: list[int]) -> None:
+    def __init__(
+        self,
+        node_pid: int,
+        gen_pids: list[int],
+        producer_pids: list[int],
+        metrics_url: str | None = None,
+    ) -> None:
         self.node_pid, self.gen_pids, self.producer_pids = node_pid, gen_pids, producer_pids
+        self.metrics_url = metrics_url
         self.rabbit = rabbit_pid()
 
     def read(self) -> dict[str, Any]:
@@ -548,14 +589,17 @@ def ms(value: float | None) -> float | None:
 def _window(
     pool: RotatingPool, probe: Probe, depth: Callable[[], int], name: str | None, duration: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Snapshots, probes and queue depth at both ends of a ``duration`` window."""
+    """Snapshots, probes, queue depth and the node's counters at both ends of a
+    ``duration`` window."""
     a = {"depth": depth(), "snaps": pool.snapshot(), "probe": probe.read()}
+    a["node"] = node_counters(probe.metrics_url)
     if name is not None:
         pool.set_phase(name)
     time.sleep(duration)
     if name is not None:
         pool.set_phase(None)
     b = {"depth": depth(), "snaps": pool.snapshot(), "probe": probe.read()}
+    b["node"] = node_counters(probe.metrics_url)
     return a, b
 
 
@@ -569,6 +613,13 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
     def pct(key: str) -> float:
         return round(100 * (pb[key] - pa[key]) / dt, 1)
 
+    frames_per_write = None
+    if a.get("node") and b.get("node"):
+        writes = b["node"]["hub_fanout_writes_total"] - a["node"]["hub_fanout_writes_total"]
+        frames = (
+            b["node"]["hub_messages_delivered_total"] - a["node"]["hub_messages_delivered_total"]
+        )
+        frames_per_write = round(frames / writes, 2) if writes else None
     return {
         "window_s": round(dt, 3),
         "delivered_per_s": round(delivered),
@@ -579,6 +630,8 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
         "pub_cpu_pct": pct("pub_cpu"),
         "rabbit_cpu_pct": pct("rabbit_cpu"),
         "node_rss_kb": pb["node_rss_kb"],
+        # Frames handed to subscribers per socket write (the node's coalescing).
+        "frames_per_write": frames_per_write,
         # Everything else that ran meanwhile (other processes on a shared machine):
         # over ~25% makes a run suspect.
         "foreign_cpu_pct": round(100 * (busy - ours) / dt, 1),
@@ -686,6 +739,7 @@ def run_open_loop(
         "latency_ms_p50": ms(percentile(latencies, 50)),
         "latency_ms_p99": ms(percentile(latencies, 99)),
         "latency_ms_max": ms(max(latencies) if latencies else None),
+        "latency_ms_p99_per_second": per_second_p99(latencies, args.duration),
     }
 
 
@@ -697,6 +751,7 @@ class Target:
     pid: int
     spec: SubscriberSpec
     vhost: Any
+    metrics_url: str | None = None
 
     def producer(self, index: int, channels: int, pad: int, cpu: int | None) -> Worker:
         if self.name == "hub":
@@ -728,7 +783,12 @@ def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[
             + (f", {opened['failed']} failed {opened['errors']}" if opened["failed"] else ""),
             flush=True,
         )
-        probe = Probe(target.pid, [w.pid for w in pool.workers], [p.pid for p in producers])
+        probe = Probe(
+            target.pid,
+            [w.pid for w in pool.workers],
+            [p.pid for p in producers],
+            target.metrics_url,
+        )
         base = totals(pool.snapshot())
         per_channel = [0] * channels
         phases: dict[str, Any] = {}
@@ -741,7 +801,8 @@ def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[
             f"  {target.name} C={channels} max: {m['ingested_per_s']:,} msgs/s ingested "
             f"({m['delivered_per_s']:,} deliveries/s), {m['prefilled']:,} published, "
             f"server CPU {m['node_cpu_pct']}%, RabbitMQ CPU {m['rabbit_cpu_pct']}%, "
-            f"others {m['foreign_cpu_pct']}%",
+            f"others {m['foreign_cpu_pct']}%"
+            + (f", {m['frames_per_write']} frames/write" if m["frames_per_write"] else ""),
             flush=True,
         )
         per_channel = [a + b for a, b in zip(per_channel, m["per_channel"], strict=True)]
@@ -760,7 +821,9 @@ def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[
         )
         print(
             f"  {target.name} C={channels} 50%: {h['ingested_per_s']:,} msgs/s, "
-            f"p50 {h['latency_ms_p50']} ms, p99 {h['latency_ms_p99']} ms",
+            f"p50 {h['latency_ms_p50']} ms, p99 {h['latency_ms_p99']} ms "
+            f"(per second: {', '.join(str(v) for v in h['latency_ms_p99_per_second'])})"
+            + (f", {h['frames_per_write']} frames/write" if h["frames_per_write"] else ""),
             flush=True,
         )
         per_channel = [a + b for a, b in zip(per_channel, h["per_channel"], strict=True)]
@@ -899,7 +962,7 @@ def run_hub(
                 time.sleep(SETTLE_POLL_S)
         report["node_rss_kb_at_start"] = rss_kb(node.pid)
         spec = hub_subscriber_spec("127.0.0.1", node.port, token, f"{CHANNEL_PREFIX}0")
-        hub = Target("hub", node.pid, spec, vhost)
+        hub = Target("hub", node.pid, spec, vhost, f"{node.base_url}/metrics")
         for channels in args.channels:
             print(f"hub: {args.subscribers} subscribers on {channels} channels …")
             report["runs"].append(run_layout(args, hub, channels))

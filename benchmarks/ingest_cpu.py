@@ -139,7 +139,12 @@ class CountingReceive:
         self.deliveries = 0
 
     async def receive(self) -> list[Delivery]:
-        batch = await self._receive.receive()
+        return self._count(await self._receive.receive())
+
+    def receive_nowait(self) -> list[Delivery]:
+        return self._count(self._receive.receive_nowait())
+
+    def _count(self, batch: list[Delivery]) -> list[Delivery]:
         self.batches += 1
         self.deliveries += len(batch)
         return batch
