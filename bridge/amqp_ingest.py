@@ -364,10 +364,7 @@ class IngestConsumer:
         channel = self._channel
         if generation != self._generation or channel is None or not channel.is_open:
             return
-        # Straight to the channel underneath: the ack frame joins the output buffer
-        # and goes out when this thread polls next (at once). BlockingChannel's
-        # basic_ack would flush it in a nested poll loop of its own.
-        channel._impl.basic_ack(delivery_tag=tag, multiple=True)
+        channel.basic_ack(delivery_tag=tag, multiple=True)
 
     def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Publish ``delivery`` to ``hub.dlx`` with the reason headers and wait for the
