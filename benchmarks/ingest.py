@@ -587,12 +587,19 @@ def ms(value: float | None) -> float | None:
 
 
 def _window(
-    pool: RotatingPool, probe: Probe, depth: Callable[[], int], name: str | None, duration: float
+    pool: RotatingPool,
+    probe: Probe,
+    depth: Callable[[], int],
+    name: str | None,
+    duration: float,
+    node_before: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Snapshots, probes, queue depth and the node's counters at both ends of a
-    ``duration`` window."""
+    ``duration`` window. A phase that measures latency passes ``node_before``, read
+    before its warm-up: a ``/metrics`` scrape holds the node's loop for tens of ms,
+    which must not fall into the measured window (the one at its end comes after)."""
     a = {"depth": depth(), "snaps": pool.snapshot(), "probe": probe.read()}
-    a["node"] = node_counters(probe.metrics_url)
+    a["node"] = node_before if name is not None else node_counters(probe.metrics_url)
     if name is not None:
         pool.set_phase(name)
     time.sleep(duration)
@@ -630,7 +637,8 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
         "pub_cpu_pct": pct("pub_cpu"),
         "rabbit_cpu_pct": pct("rabbit_cpu"),
         "node_rss_kb": pb["node_rss_kb"],
-        # Frames handed to subscribers per socket write (the node's coalescing).
+        # Frames handed to subscribers per socket write (the node's coalescing; in the
+        # live phase, over the warm-up and the window).
         "frames_per_write": frames_per_write,
         # Everything else that ran meanwhile (other processes on a shared machine):
         # over ~25% makes a run suspect.
@@ -722,15 +730,18 @@ def run_open_loop(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Producers publish live at ``rate``; latency from the sample subscribers."""
+    node_before = node_counters(probe.metrics_url)  # frames per write: warm-up included
     for producer in producers:
         producer.send("run", rate / len(producers), args.warmup + args.duration)
     time.sleep(args.warmup)
-    a, b = _window(pool, probe, depth, "half", args.duration)
+    started_at = time.time()
+    a, b = _window(pool, probe, depth, "half", args.duration, node_before)
     results = [p.reply(timeout=args.warmup + args.duration + PRODUCER_SLACK_S) for p in producers]
     latencies = pool.latencies().get("half", [])
     return {
         "mode": "open loop",
         "target_rate": round(rate, 1),
+        "window_started_at": round(started_at, 3),  # Unix time, to line up node logs
         **_measure(a, b, fanout),
         "published_total": sum(r["sent"] for r in results),
         "per_channel": [sum(c) for c in zip(*(r["per_channel"] for r in results), strict=True)],
