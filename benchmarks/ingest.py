@@ -32,6 +32,11 @@ reaches ``N / C`` subscribers. For each channel count C:
 4. check: every subscriber got every message of its channel, the sample saw no gap,
    duplicate or bad frame.
 
+Each phase also reports the node's ``frames_per_write`` (frames delivered per socket
+write, from its ``/metrics`` counters: how much fan-out coalesced), and the live phase
+its p99 per second of the window (``latency_ms_p99_per_second``: one slow second is an
+episode, eight slow seconds a node at capacity) and ``window_started_at``.
+
 Then the same against the peer (``--servers hub`` to skip it): python-socketio's
 ``AsyncAioPikaManager`` on uvicorn (:mod:`benchmarks.ingest_peer`). Its queue belongs to
 the server and cannot be prefilled, so its max is measured while the producers publish

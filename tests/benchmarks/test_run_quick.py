@@ -77,6 +77,12 @@ def test_quick_run_counts_every_frame_of_every_workload(tmp_path: Path) -> None:
         assert checks["expected_deliveries"] > 0
         assert checks["received_deliveries"] == checks["expected_deliveries"], run["server"]
         assert checks["sample_checked"] > 0
+    for run in workloads["ingest"]["runs"]:
+        phases = run["phases"]
+        if run["server"] == "hub":  # the node's counters were read at both ends
+            assert phases["max"]["frames_per_write"] >= 1, phases["max"]
+            assert phases["half"]["frames_per_write"] >= 1, phases["half"]
+        assert len(phases["half"]["latency_ms_p99_per_second"]) >= 1
     for run in workloads["idle"]["runs"]:
         assert run["connections_held"] == run["levels"][-1]["connections"] > 0, run["server"]
         assert run["levels"][-1]["broadcast"]["missing"] == 0
