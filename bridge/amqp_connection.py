@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ POLL_S = 0.1
 RECONNECT_INITIAL_S = 0.2
 #: Seconds :func:`open_amqp_link` waits for the thread to close the connection and end.
 STOP_TIMEOUT_S = 3.0
+#: Longest the link thread spends running queued callbacks before it closes.
+DRAIN_TIMEOUT_S = 2.0
 #: Socket connect/read timeout for the TCP connection to the broker.
 SOCKET_TIMEOUT_S = 5.0
 #: A connection the broker blocks (memory or disk alarm) this long is dropped and made
@@ -418,11 +421,24 @@ class AmqpLink:
 
     @staticmethod
     def _drain(conn: BlockingConnection | None) -> None:
-        """Run the callbacks queued so far (final acks) before the connection closes."""
+        """Run the callbacks queued so far (final acks) before the connection closes.
+
+        One round of ``process_data_events`` is not enough: a callback that waits on
+        the connection (``BlockingChannel.basic_ack`` flushes) polls, and its poll turns
+        the callbacks queued behind it into pika's ready events, which that round does
+        not dispatch. So rounds go on until a marker queued behind them has run and
+        nothing is left ready, for at most :data:`DRAIN_TIMEOUT_S`.
+        """
         if conn is None or not conn.is_open:
             return
+        drained: list[bool] = []
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
         try:
-            conn.process_data_events(time_limit=0)
+            conn.add_callback_threadsafe(lambda: drained.append(True))
+            while conn.is_open and time.monotonic() < deadline:
+                conn.process_data_events(time_limit=0)
+                if drained and not conn._ready_events:  # pika < 2 (pinned)
+                    return
         except (pika.exceptions.AMQPError, OSError):
             pass
 
