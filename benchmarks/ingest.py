@@ -71,6 +71,7 @@ import pika
 import pika.exceptions
 from pika import frame as pika_frame
 from pika import spec
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.ingest_peer import (
     PeerProcess,
@@ -494,10 +495,10 @@ def node_counters(metrics_url: str | None) -> dict[str, float] | None:
     except OSError:
         return None
     found: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name.partition("{")[0] in NODE_COUNTERS:
-            found[name.partition("{")[0]] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in NODE_COUNTERS:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
     return found if len(found) == len(NODE_COUNTERS) else None
 
 
