@@ -1,8 +1,8 @@
 """RabbitMQ ingest, the trio side (SPEC §4): validate, dedupe, publish, then ack.
 
-Batches of deliveries arrive from the ingest link thread (:mod:`bridge.amqp_ingest`)
-through a bounded memory channel: everything that arrived while the previous batch was
-being handled comes as one batch. Each message, one at a time and in delivery order:
+Deliveries arrive from the ingest link (:mod:`bridge.amqp_ingest`, on the same trio
+loop): everything that arrived while the previous batch was being handled comes as one
+batch. Each message, one at a time and in delivery order:
 
 1. is parsed and validated (:func:`parse_message`); an invalid one is dead-lettered to
    ``hub.dlx`` with ``x-hub-reason`` and logged;
@@ -24,9 +24,8 @@ Cancellation:
 
 Backpressure:
     RabbitMQ sends at most ``AMQP_PREFETCH`` unacked messages, so at most that many wait
-    between the link thread and this actor (in the link's outbox and at most
-    :data:`INGEST_MAILBOX_BATCHES` batches in the memory channel); the rest stays in the
-    queue. The link thread never waits for trio, so it keeps the connection serviced.
+    in the link's inbox for this actor; the rest stays in the queue. The link's reader
+    never waits for this actor, so it keeps the connection serviced.
 """
 
 from __future__ import annotations
@@ -39,14 +38,12 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import trio
 
 from actors.protocol import MAX_CHANNEL_LENGTH, is_known_channel
-from bridge.amqp_connection import AmqpLink, open_amqp_link
-from bridge.amqp_ingest import Delivery, IngestConsumer
+from bridge.amqp_ingest import Delivery, IngestLink
 from bridge.dedupe import Dedupe, MemoryDedupe
 from hub.supervisor import supervise
 
@@ -56,7 +53,6 @@ if TYPE_CHECKING:
     from hub.node import Node
 
 __all__ = [
-    "INGEST_MAILBOX_BATCHES",
     "MAX_MESSAGE_BYTES",
     "IngestActor",
     "IngestStatistics",
@@ -68,10 +64,8 @@ __all__ = [
 
 log = logging.getLogger("hub.actors.ingest")
 
-#: Batches waiting between the link thread and the consumer task.
-INGEST_MAILBOX_BATCHES = 4
-#: Most deliveries handled under one write-combining batch: batches that queued up in
-#: the mailbox while the previous one was handled are joined up to this many.
+#: Most deliveries handled under one write-combining batch (what waits in the link's
+#: inbox beyond that is the next batch).
 MERGE_MAX_DELIVERIES = 256
 #: Largest accepted message body (bigger ones are dead-lettered as ``oversize``).
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -260,9 +254,7 @@ class IngestActor:
     Args:
         publisher: the realtime core.
         dedupe: recently published ids.
-        link: the ingest link (acks and dead letters run in its thread).
-        consumer: the link's handler.
-        receive: batches from the link thread.
+        link: the ingest link: deliveries, acks and dead letters.
         ack_batch: flush acks once this many deliveries are done.
         ack_interval_s: flush acks at most this long after the first unflushed one.
 
@@ -278,9 +270,7 @@ class IngestActor:
         self,
         publisher: Publisher,
         dedupe: Dedupe,
-        link: AmqpLink,
-        consumer: IngestConsumer,
-        receive: trio.MemoryReceiveChannel[list[Delivery]],
+        link: IngestLink,
         *,
         ack_batch: int,
         ack_interval_s: float,
@@ -288,8 +278,9 @@ class IngestActor:
         self._publisher = publisher
         self._dedupe = dedupe
         self._link = link
-        self._consumer = consumer
-        self._receive = receive
+        #: A connection whose acks must not go out any more (a dead letter of it was
+        #: not confirmed: an ack covering it would lose the message).
+        self._no_acks_generation = 0
         self._ack_batch = max(1, ack_batch)
         self._ack_interval_s = ack_interval_s
         self._ack_generation = 0
@@ -305,7 +296,7 @@ class IngestActor:
         self._redelivered = self._retries = self._acked = 0
 
     @property
-    def link(self) -> AmqpLink:
+    def link(self) -> IngestLink:
         """The ingest's RabbitMQ link (``link.statistics()``: connection state)."""
         return self._link
 
@@ -343,9 +334,8 @@ class IngestActor:
 
     def _flush_acks(self) -> None:
         if self._unflushed:
-            self._link.call_soon(
-                partial(self._consumer.ack_upto, self._ack_generation, self._ack_tag)
-            )
+            if self._ack_generation != self._no_acks_generation:
+                self._link.ack_upto(self._ack_generation, self._ack_tag)
             self._acked += self._unflushed
             self._unflushed = 0
             self._bump()
@@ -359,10 +349,14 @@ class IngestActor:
             self._flush_acks()
 
     # -- messages ----------------------------------------------------------------------
-    def _dead_letter(self, delivery: Delivery, error: InvalidMessage) -> None:
-        self._link.call_soon(
-            partial(self._consumer.dead_letter, delivery, error.reason, error.detail)
-        )
+    async def _dead_letter(self, delivery: Delivery, error: InvalidMessage) -> None:
+        """Dead-letter ``delivery``; returns once the broker confirmed it (or refused
+        it). When that is unknown, no more acks go out on its connection, which the link
+        replaces: the message is redelivered and judged again."""
+        if not await self._link.dead_letter(delivery, error.reason, error.detail):
+            self._flush_acks()  # the deliveries before it are done
+            self._no_acks_generation = delivery.generation
+            return
         self._dead += 1
         log.warning(
             "invalid message dead-lettered to hub.dlx: %s",
@@ -416,37 +410,27 @@ class IngestActor:
                 return
             await self._publish(message)
         except InvalidMessage as error:
-            self._dead_letter(delivery, error)
+            await self._dead_letter(delivery, error)
             return
         await self._dedupe.remember(message.id)
         self._published += 1
 
     async def _next_batch(self) -> list[Delivery] | None:
-        """The next batch, or ``None`` once the channel is closed (:meth:`stop` closes
-        it while this waits: no cancel scope per batch, which would cost as much as
-        handling a small batch).
+        """What the link received since the last batch (at most
+        :data:`MERGE_MAX_DELIVERIES`; waits for one), or ``None`` once :meth:`stop`
+        closed the deliveries.
 
-        Batches that queued up behind it (this task was busy, so the link thread handed
-        over more meanwhile) are joined to it, up to :data:`MERGE_MAX_DELIVERIES`: a
-        node that falls behind writes each subscriber once for all of them, which is
-        how it catches up. A node keeping up gets the batches one at a time, as before.
+        A node that falls behind gets everything that arrived meanwhile as one batch and
+        writes each subscriber once for all of it, which is how it catches up.
         """
         self._idle = True
         try:
-            batch = await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return None
+            return await self._link.next_batch(MERGE_MAX_DELIVERIES)
         finally:
             self._idle = False
-        while len(batch) < MERGE_MAX_DELIVERIES:
-            try:
-                batch += self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break  # a closed channel ends the loop at the next receive()
-        return batch
 
     async def _consume(self) -> None:
-        # No checkpoint of its own: receive() is one, batch or not.
+        # No checkpoint of its own: next_batch() is one, batch or not.
         while not self._stopping:
             batch = await self._next_batch()
             if batch is None:
@@ -495,15 +479,10 @@ class IngestActor:
             the connection is closed without the last acks (those messages come back).
         """
         self._stopping = True
-        if self._idle:
-            # Waiting for deliveries: queue the last acks first (the link thread runs
-            # them before it closes), then end the wait by closing the channel.
-            self._flush_acks()
-            self._receive.close()
+        self._link.close_deliveries()  # ends a wait for the next batch
         if self._running:
             await self._exited.wait()
-        self._flush_acks()
-        self._receive.close()  # a link thread waiting to hand over a batch gives up
+        self._flush_acks()  # queued before the link's polite close, so written first
         await self._link.stop()
 
 
@@ -519,58 +498,50 @@ async def open_ingest(node: Node) -> AsyncIterator[IngestActor | None]:
 
     Resource handling:
         Leaving the block stops gracefully (see the module docstring), bounded by
-        :data:`SHUTDOWN_TIMEOUT_S` plus the link's stop timeout, even when cancelled.
+        :data:`SHUTDOWN_TIMEOUT_S` in all, even when cancelled.
     """
     settings = node.settings
     if not settings.amqp_url:
         yield None
         return
-    send, receive = trio.open_memory_channel[list[Delivery]](INGEST_MAILBOX_BATCHES)
-    consumer = IngestConsumer(
-        send,
-        prefetch=settings.amqp_prefetch,
-        node_id=settings.hub_node_id,
-        handoff_interval_s=settings.amqp_handoff_interval_ms / 1000,
-    )
-    dedupe = MemoryDedupe(settings.amqp_dedupe_ttl_s, max_keys=settings.amqp_dedupe_max_keys)
-    async with open_amqp_link(
+    link = IngestLink(
         settings.amqp_url,
         name=f"{settings.hub_node_id}/ingest",
-        handler=consumer,
+        prefetch=settings.amqp_prefetch,
+        node_id=settings.hub_node_id,
         reconnect_max_s=settings.amqp_reconnect_max_s,
-    ) as link:
-        actor = IngestActor(
-            node.realtime,
-            dedupe,
-            link,
-            consumer,
-            receive,
-            ack_batch=min(settings.amqp_ack_batch, max(1, settings.amqp_prefetch // 2)),
-            ack_interval_s=settings.amqp_ack_interval_ms / 1000,
-        )
-        # One "rabbitmq" check for every RabbitMQ connection of the node: the e-mail
-        # queue may have registered its own already.
-        other_check = node.ready_checks.get("rabbitmq")
+    )
+    dedupe = MemoryDedupe(settings.amqp_dedupe_ttl_s, max_keys=settings.amqp_dedupe_max_keys)
+    actor = IngestActor(
+        node.realtime,
+        dedupe,
+        link,
+        ack_batch=min(settings.amqp_ack_batch, max(1, settings.amqp_prefetch // 2)),
+        ack_interval_s=settings.amqp_ack_interval_ms / 1000,
+    )
+    # One "rabbitmq" check for every RabbitMQ connection of the node: the e-mail queue
+    # may have registered its own already.
+    other_check = node.ready_checks.get("rabbitmq")
 
-        async def check_rabbitmq() -> None:
-            await link.check_ready()
-            if other_check is not None:
-                await other_check()
+    async def check_rabbitmq() -> None:
+        await link.check_ready()
+        if other_check is not None:
+            await other_check()
 
-        node.ready_checks["rabbitmq"] = check_rabbitmq
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(supervise, "amqp-ingest", actor.run)
-                try:
-                    yield actor
-                finally:
-                    with trio.CancelScope(shield=True) as scope:
-                        scope.deadline = trio.current_time() + SHUTDOWN_TIMEOUT_S
-                        await actor.stop()
-                    nursery.cancel_scope.cancel()
-        finally:
-            receive.close()  # (again) in case stop() was cut short
-            if other_check is not None:
-                node.ready_checks["rabbitmq"] = other_check
-            else:
-                node.ready_checks.pop("rabbitmq", None)
+    node.ready_checks["rabbitmq"] = check_rabbitmq
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            await nursery.start(supervise, "amqp-ingest", actor.run)
+            try:
+                yield actor
+            finally:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + SHUTDOWN_TIMEOUT_S
+                    await actor.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        if other_check is not None:
+            node.ready_checks["rabbitmq"] = other_check
+        else:
+            node.ready_checks.pop("rabbitmq", None)

@@ -1,8 +1,8 @@
 """CPU cost of the ingest path per message: RabbitMQ → ingest actor → ``Realtime.publish``.
 
 Unlike :mod:`benchmarks.ingest` this measures CPU time, not wall-clock rates, so it is
-usable on a busy machine. The node side runs in this process (link thread + trio loop:
-``IngestConsumer``, ``IngestActor``, ``MemoryDedupe``, ``Realtime`` on a real ``Hub`` and
+usable on a busy machine. The node side runs in this process (one trio loop:
+``IngestLink``, ``IngestActor``, ``MemoryDedupe``, ``Realtime`` on a real ``Hub`` and
 ``MemoryBroker``, no WebSocket subscribers, so fan-out costs nothing); a producer process
 (:class:`benchmarks.ingest.Producer`) publishes the benchmark's messages.
 
@@ -19,9 +19,8 @@ then the node drains it; CPU is measured over the last ``--count`` messages (the
 first second. This is the shape of the benchmark's "50%" phase, with its small delivery
 batches. Both print the latency from the message's scheduled send time (``data.t``) to
 ``handle_publication`` (before fan-out; every 8th message), the garbage collector's
-pauses, context switches, deliveries per connection round and per trio batch.
+pauses, context switches, deliveries per socket read and per batch the actor took.
 ``--cpu 0`` pins the node like the benchmark does (the producer is not pinned);
-``--handoff-ms`` overrides the link thread's hand-over interval (``AMQP_HANDOFF_INTERVAL_MS``);
 ``--null`` replaces the realtime core by a no-op (what is left: AMQP and the actor);
 ``--gc-freeze`` calls ``gc.freeze()`` before measuring.
 
@@ -45,17 +44,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pika
 import trio
 
 from actors.channel import FanoutBatch
 from actors.hub import Hub
-from actors.ingest import INGEST_MAILBOX_BATCHES, IngestActor, IngestStatistics
+from actors.ingest import IngestActor, IngestStatistics
 from actors.realtime import Realtime
 from benchmarks.ingest import Producer, ProducerConfig
 from benchmarks.loadgen import percentile
-from bridge.amqp_connection import open_amqp_link
-from bridge.amqp_ingest import Delivery, IngestConsumer, declare_ingest_topology
+from bridge.amqp_ingest import IngestLink, declare_ingest_topology
+from bridge.amqp_wire import open_amqp_connection
 from bridge.broker import Publication
 from bridge.broker_memory import open_memory_broker
 from bridge.dedupe import MemoryDedupe
@@ -130,40 +128,6 @@ class TimingHub(Hub):
         super().handle_publication(channel, publication)
 
 
-class CountingReceive:
-    """A receive channel that counts the batches (and deliveries) taken from it."""
-
-    def __init__(self, receive: trio.MemoryReceiveChannel[list[Delivery]]) -> None:
-        self._receive = receive
-        self.batches = 0
-        self.deliveries = 0
-
-    async def receive(self) -> list[Delivery]:
-        return self._count(await self._receive.receive())
-
-    def receive_nowait(self) -> list[Delivery]:
-        return self._count(self._receive.receive_nowait())
-
-    def _count(self, batch: list[Delivery]) -> list[Delivery]:
-        self.batches += 1
-        self.deliveries += len(batch)
-        return batch
-
-    def close(self) -> None:
-        self._receive.close()
-
-
-class CountingConsumer(IngestConsumer):
-    """Counts the connection rounds that brought deliveries (link thread)."""
-
-    rounds = 0
-
-    def on_events(self) -> None:
-        if self._buffer:
-            self.rounds += 1
-        super().on_events()
-
-
 class NullPublisher:
     """``--null``: publishes nothing (what is left is the AMQP side and the actor)."""
 
@@ -194,12 +158,9 @@ def run_producer(url: str, mode: str, amount: float, duration: float = 0.0) -> A
     return process
 
 
-def declare(url: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        declare_ingest_topology(connection, connection.channel())
-    finally:
-        connection.close()
+async def declare(url: str) -> None:
+    async with open_amqp_connection(url, name="cpu-bench/declare") as conn:
+        await declare_ingest_topology(conn, await conn.open_channel())
 
 
 async def wait_for(
@@ -220,57 +181,45 @@ async def node(url: str, args: argparse.Namespace) -> dict[str, Any]:
     ) as broker:
         hub.broker = broker
         realtime = Realtime(settings, hub, broker, lambda token: None)  # type: ignore[arg-type,return-value]
-        send, raw_receive = trio.open_memory_channel[list[Delivery]](INGEST_MAILBOX_BATCHES)
-        receive = CountingReceive(raw_receive)
-        consumer = CountingConsumer(
-            send,
-            prefetch=settings.amqp_prefetch,
-            node_id="cpu-bench",
-            handoff_interval_s=(
-                settings.amqp_handoff_interval_ms if args.handoff_ms is None else args.handoff_ms
-            )
-            / 1000,
+        link = IngestLink(
+            url, name="cpu-bench/ingest", prefetch=settings.amqp_prefetch, node_id="cpu-bench"
         )
-        async with open_amqp_link(url, name="cpu-bench/ingest", handler=consumer) as link:
-            actor = IngestActor(
-                NullPublisher() if args.null else realtime,
-                MemoryDedupe(settings.amqp_dedupe_ttl_s),
-                link,
-                consumer,
-                receive,  # type: ignore[arg-type]
-                ack_batch=min(settings.amqp_ack_batch, max(1, settings.amqp_prefetch // 2)),
-                ack_interval_s=settings.amqp_ack_interval_ms / 1000,
-            )
-            async with trio.open_nursery() as nursery:
-                await nursery.start(actor.run)
-                await wait_for(actor, lambda s: s.published >= args.warm)
-                if args.gc_freeze:  # what a node could do once it has started
-                    # Before the producer starts: the collection stalls the loop, and
-                    # messages it held up would count in the measured latency.
-                    gc.collect()
-                    gc.freeze()
-                if args.mode == "paced":
-                    producer = run_producer(url, "run", args.rate, args.duration)
-                    await wait_for(actor, lambda s: s.published > args.warm)
-                    await trio.sleep(1.0)
-                hub.latencies_ms.clear()
-                pauses.clear()
-                cpu0, threads0, wall0 = time.process_time(), thread_cpu(), time.monotonic()
-                first = actor.statistics().published
-                batches0, deliveries0 = receive.batches, receive.deliveries
-                rounds0 = consumer.rounds
-                if args.mode == "drain":
-                    await wait_for(actor, lambda s: s.published >= args.warm + args.count)
-                else:
-                    await trio.to_thread.run_sync(producer.join, abandon_on_cancel=True)
-                    await trio.sleep(0.5)  # the last deliveries
-                cpu1, threads1, wall1 = time.process_time(), thread_cpu(), time.monotonic()
-                stats = actor.statistics()
-                batches = receive.batches - batches0
-                rounds = consumer.rounds - rounds0
-                per_batch = (receive.deliveries - deliveries0) / max(1, batches)
-                await actor.stop()
-                nursery.cancel_scope.cancel()
+        actor = IngestActor(
+            NullPublisher() if args.null else realtime,
+            MemoryDedupe(settings.amqp_dedupe_ttl_s),
+            link,
+            ack_batch=min(settings.amqp_ack_batch, max(1, settings.amqp_prefetch // 2)),
+            ack_interval_s=settings.amqp_ack_interval_ms / 1000,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            await nursery.start(actor.run)
+            await wait_for(actor, lambda s: s.published >= args.warm)
+            if args.gc_freeze:  # what a node could do once it has started
+                # Before the producer starts: the collection stalls the loop, and
+                # messages it held up would count in the measured latency.
+                gc.collect()
+                gc.freeze()
+            if args.mode == "paced":
+                producer = run_producer(url, "run", args.rate, args.duration)
+                await wait_for(actor, lambda s: s.published > args.warm)
+                await trio.sleep(1.0)
+            hub.latencies_ms.clear()
+            pauses.clear()
+            cpu0, threads0, wall0 = time.process_time(), thread_cpu(), time.monotonic()
+            first = actor.statistics().published
+            batches0, reads0 = link.batches, link.reads
+            if args.mode == "drain":
+                await wait_for(actor, lambda s: s.published >= args.warm + args.count)
+            else:
+                await trio.to_thread.run_sync(producer.join, abandon_on_cancel=True)
+                await trio.sleep(0.5)  # the last deliveries
+            cpu1, threads1, wall1 = time.process_time(), thread_cpu(), time.monotonic()
+            stats = actor.statistics()
+            batches = link.batches - batches0
+            reads = link.reads - reads0
+            await actor.stop()
+            nursery.cancel_scope.cancel()
     count = stats.published - first
     latencies = hub.latencies_ms
     return {
@@ -285,8 +234,8 @@ async def node(url: str, args: argparse.Namespace) -> dict[str, Any]:
             (threads1.get("switches", 0.0) - threads0.get("switches", 0.0)) / count, 3
         ),
         "batches": batches,
-        "deliveries_per_round": round(count / max(1, rounds), 1),
-        "deliveries_per_batch": round(per_batch, 1),
+        "deliveries_per_read": round(count / max(1, reads), 1),
+        "deliveries_per_batch": round(count / max(1, batches), 1),
         "wall_s": round(wall1 - wall0, 2),
         "rate": round(count / (wall1 - wall0)),
         "latency_ms": {
@@ -309,12 +258,6 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--null", action="store_true", help="publish nothing")
     parser.add_argument(
-        "--handoff-ms",
-        type=float,
-        default=None,
-        help="the link thread's hand-over interval (default: AMQP_HANDOFF_INTERVAL_MS)",
-    )
-    parser.add_argument(
         "--gc-freeze", action="store_true", help="gc.freeze() before measuring (GC pauses)"
     )
     parser.add_argument("--cpu", type=int, default=None, help="pin the node to this CPU")
@@ -326,7 +269,7 @@ def main() -> None:
     vhost = Vhost()
     vhost.create()
     try:
-        declare(vhost.url)
+        trio.run(declare, vhost.url)
         backlog = args.warm + (args.count if args.mode == "drain" else 0)
         if backlog:
             filler = run_producer(vhost.url, "fill", backlog)

@@ -1,16 +1,14 @@
 """The RabbitMQ side of ingest (SPEC §4): topology, the consumer, acks and dead letters.
 
-:class:`IngestConsumer` is the :class:`~bridge.amqp_connection.LinkHandler` of the
-ingest link. In the link thread it declares the topology, consumes ``hub.notifications``
-with manual acks and a prefetch, and hands deliveries to trio without waiting: they
-join an outbox, and trio is woken only when no wake-up is pending already, so a busy
-trio side takes everything that arrived meanwhile as one batch (one wake-up per batch,
-not per round of the connection). The trio side
-(:mod:`actors.ingest`) acks through :meth:`IngestConsumer.ack_upto` and dead-letters
-through :meth:`IngestConsumer.dead_letter`, both submitted with
-:meth:`~bridge.amqp_connection.AmqpLink.call_soon`, so they run in the link thread in
-the order they were submitted: a dead letter is always published (and confirmed)
-before the ack that covers the original.
+:class:`IngestLink` is the ingest's RabbitMQ connection. It runs on the node's trio loop
+(:mod:`bridge.amqp_wire`: no thread, no hand-over between threads), declares the
+topology, consumes ``hub.notifications`` with manual acks and a prefetch, and reconnects
+by itself with capped exponential backoff and jitter. Deliveries wait in its inbox until
+the ingest actor (:mod:`actors.ingest`) takes them with :meth:`IngestLink.next_batch`:
+everything that arrived while the actor was busy comes as one batch. The actor acks with
+:meth:`IngestLink.ack_upto` and dead-letters with :meth:`IngestLink.dead_letter`, which
+returns only once the broker confirmed the dead letter, so the ack that covers the
+original is sent after it.
 
 Topology (all durable)::
 
@@ -29,20 +27,22 @@ instead of ``x-hub-reason``.
 from __future__ import annotations
 
 import logging
-import threading
-import time
+import random
 import uuid
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import pika
-import pika.exceptions
 import trio
-from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from pika.spec import Basic, BasicProperties
+from pika.spec import Basic as BasicMethods
+from pika.spec import BasicProperties, Exchange, Queue
 
-from bridge.amqp_connection import LinkStop
-from bridge.amqp_fastpath import DeliveryReader
+from bridge.amqp_connection import RECONNECT_INITIAL_S, AmqpUnavailable, redact_url
+from bridge.amqp_wire import (
+    AmqpChannelClosed,
+    AmqpConnection,
+    AmqpConnectionLost,
+    open_amqp_connection,
+)
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -50,7 +50,8 @@ __all__ = [
     "EXCHANGE",
     "QUEUE",
     "Delivery",
-    "IngestConsumer",
+    "IngestLink",
+    "IngestLinkStatistics",
     "declare_ingest_topology",
 ]
 
@@ -62,15 +63,20 @@ DEAD_LETTER_EXCHANGE = "hub.dlx"
 DEAD_LETTER_QUEUE = "hub.notifications.dead"
 #: Longest ``x-hub-reason-detail`` header value.
 MAX_DETAIL_CHARS = 500
+#: Longest wait for the broker's confirm of a dead letter (a broker that blocks
+#: publishing, a memory or disk alarm); the connection is then made again.
+DEAD_LETTER_TIMEOUT_S = 30.0
+#: Seconds :meth:`IngestLink.stop` waits for the connection to close.
+STOP_TIMEOUT_S = 3.0
 
 _PERSISTENT = 2  # delivery_mode: persistent
+_PRECONDITION_FAILED = 406
 
 
 class Delivery(NamedTuple):
     """One message as received. ``tag`` is only meaningful within ``generation``.
 
-    A named tuple: immutable, and built for every message in the link thread at a
-    third of the cost of a frozen dataclass.
+    A named tuple: immutable, and cheap to build for every message.
     """
 
     generation: int
@@ -82,17 +88,30 @@ class Delivery(NamedTuple):
     redelivered: bool
 
 
-def _declare_queue(
-    connection: BlockingConnection, channel: BlockingChannel, name: str, arguments: dict[str, Any]
-) -> BlockingChannel:
+class IngestLinkStatistics(NamedTuple):
+    """``connected``: consuming; ``generation``: how many connections got that far;
+    ``last_error``: why it last went down."""
+
+    connected: bool
+    generation: int
+    reconnects: int
+    last_error: str | None
+
+
+# -- topology --------------------------------------------------------------------------
+async def _declare_queue(
+    conn: AmqpConnection, channel: int, name: str, arguments: dict[str, Any]
+) -> int:
     """Declare ``name`` durable with ``arguments``; when it already exists with other
     arguments, use it as it is (a warning) rather than refusing to start. Returns the
     channel to keep using (the broker closes the first one on a mismatch)."""
     try:
-        channel.queue_declare(name, durable=True, arguments=arguments)
+        await conn.rpc(
+            channel, Queue.Declare(queue=name, durable=True, arguments=arguments), Queue.DeclareOk
+        )
         return channel
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != 406:  # PRECONDITION_FAILED
+    except AmqpChannelClosed as exc:
+        if exc.reply_code != _PRECONDITION_FAILED:
             raise
         log.warning(
             "queue %s exists with other arguments than %s; using it as it is (%s)",
@@ -100,237 +119,169 @@ def _declare_queue(
             arguments,
             exc.reply_text,
         )
-        channel = connection.channel()
-        channel.queue_declare(name, passive=True)
+        channel = await conn.open_channel()
+        await conn.rpc(channel, Queue.Declare(queue=name, passive=True), Queue.DeclareOk)
         return channel
 
 
-def _declare_exchange(
-    connection: BlockingConnection, channel: BlockingChannel, name: str
-) -> BlockingChannel:
+async def _declare_exchange(conn: AmqpConnection, channel: int, name: str) -> int:
     """Declare topic exchange ``name``; one that exists with another type is used as it
     is (a warning), like :func:`_declare_queue`."""
     try:
-        channel.exchange_declare(name, exchange_type="topic", durable=True)
+        await conn.rpc(
+            channel,
+            Exchange.Declare(exchange=name, type="topic", durable=True),
+            Exchange.DeclareOk,
+        )
         return channel
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != 406:
+    except AmqpChannelClosed as exc:
+        if exc.reply_code != _PRECONDITION_FAILED:
             raise
         log.warning("exchange %s exists with other properties; using it as it is", name)
-        channel = connection.channel()
-        channel.exchange_declare(name, passive=True)
+        channel = await conn.open_channel()
+        await conn.rpc(channel, Exchange.Declare(exchange=name, passive=True), Exchange.DeclareOk)
         return channel
 
 
-def declare_ingest_topology(
-    connection: BlockingConnection, channel: BlockingChannel
-) -> BlockingChannel:
+async def declare_ingest_topology(conn: AmqpConnection, channel: int) -> int:
     """Declare the exchanges, queues and bindings of the module docstring (idempotent).
 
     Returns:
         The channel to keep using (see :func:`_declare_queue`).
     """
-    channel = _declare_exchange(connection, channel, EXCHANGE)
-    channel = _declare_exchange(connection, channel, DEAD_LETTER_EXCHANGE)
-    channel = _declare_queue(connection, channel, DEAD_LETTER_QUEUE, {})
-    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="#")
-    channel = _declare_queue(
-        connection, channel, QUEUE, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    channel = await _declare_exchange(conn, channel, EXCHANGE)
+    channel = await _declare_exchange(conn, channel, DEAD_LETTER_EXCHANGE)
+    channel = await _declare_queue(conn, channel, DEAD_LETTER_QUEUE, {})
+    await conn.rpc(
+        channel,
+        Queue.Bind(queue=DEAD_LETTER_QUEUE, exchange=DEAD_LETTER_EXCHANGE, routing_key="#"),
+        Queue.BindOk,
     )
-    channel.queue_bind(QUEUE, EXCHANGE, routing_key="#")
+    channel = await _declare_queue(
+        conn, channel, QUEUE, {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}
+    )
+    await conn.rpc(
+        channel, Queue.Bind(queue=QUEUE, exchange=EXCHANGE, routing_key="#"), Queue.BindOk
+    )
     return channel
 
 
-class IngestConsumer:
-    """Consumes ``hub.notifications`` in the link thread and feeds batches to trio.
+# -- the link --------------------------------------------------------------------------
+class IngestLink:
+    """Consumes ``hub.notifications`` on the trio loop, reconnecting by itself.
 
     Args:
-        send: where batches of :class:`Delivery` go (a bounded trio memory channel).
+        url: ``amqp://user:password@host:port/vhost?heartbeat=30``.
+        name: the connection's name in the RabbitMQ management UI.
         prefetch: unacked deliveries the broker may push (``basic_qos``).
         node_id: written into dead letters (``x-hub-node``).
-        handoff_interval_s: hand deliveries to trio at most this often. The first
-            delivery after a quiet spell goes at once; under steady traffic, deliveries
-            wait up to this long and go as one batch, which costs the trio side (a
-            wake-up, a task switch, a fan-out write per subscriber) once per batch.
+        reconnect_max_s: cap of the reconnect backoff.
+
+    :meth:`run` is the link's task (``await nursery.start(link.run)``); it returns after
+    :meth:`stop`.
 
     Backpressure:
-        The link thread never waits for trio: it keeps servicing the connection
-        (heartbeats, acks, a close from the broker). Deliveries not yet taken by trio
-        wait in the outbox, and when the memory channel is full, in one pending send;
-        the broker stops at ``prefetch`` unacked deliveries, which bounds both.
+        The reader never waits for the actor: deliveries wait in the inbox, and the
+        broker stops at ``prefetch`` unacked deliveries, which bounds it.
 
     Cancellation:
-        The pending send (a trio system task) ends when the receiving side is closed
-        or the run ends; its deliveries are then redelivered by the broker.
+        Cancelling :meth:`run` drops the connection without a polite close: what was not
+        acked is redelivered. :meth:`stop` is the polite way: acks queued before it are
+        written before the connection closes.
     """
 
     def __init__(
         self,
-        send: trio.MemorySendChannel[list[Delivery]],
+        url: str,
         *,
+        name: str,
         prefetch: int,
         node_id: str,
-        handoff_interval_s: float = 0.0,
+        reconnect_max_s: float = 10.0,
     ) -> None:
-        self._send = send
+        self.url = url
+        self.name = name
         self._prefetch = prefetch
         self._node_id = node_id
-        self._token = trio.lowlevel.current_trio_token()
-        self._connection: BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._dlx_channel: BlockingChannel | None = None
-        #: The reader of the current connection's deliveries (link thread only).
-        self.reader: DeliveryReader | None = None
+        self.reconnect_max_s = max(reconnect_max_s, RECONNECT_INITIAL_S)
+        self._conn: AmqpConnection | None = None
+        self._channel = 0
+        self._dlx_channel = 0
         self._generation = 0
-        self._buffer: list[Delivery] = []  # link thread only
-        self._handoff_interval_s = handoff_interval_s
-        self._last_handoff = 0.0  # link thread only
-        self._timer_armed = False  # link thread only
-        #: Batches the link thread handed to trio.
-        self.handoffs = 0
-        self._cancelled = False
-        # The outbox and its wake-up flag are shared by the link thread and trio.
-        self._lock = threading.Lock()
-        self._outbox: list[Delivery] = []
-        self._wake_pending = False  # a _hand_over is queued in trio
-        self._sending = False  # trio only: a send waits for room in the channel
-        self._closed = False  # the trio side stopped taking deliveries
+        self._connected = False
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._changed = trio.Event()
+        self._wake = trio.Event()  # stop, a reconnect request, a cancel, a closed channel
+        self._reconnect_requested = False
+        self._stopping = False
+        self._running = False
+        self._run_done = trio.Event()
+        # the inbox
+        self._inbox: list[Delivery] = []
+        self._inbox_ready = trio.Event()
+        self._waiting = False
+        self._deliveries_closed = False
+        #: Batches taken by the actor, dead letters confirmed.
+        self.batches = 0
         self.dead_lettered = 0
-        #: Hand-offs that found the memory channel full (trio was behind).
-        self.held_batches = 0
 
-    # -- LinkHandler -------------------------------------------------------------------
-    def on_connected(self, connection: BlockingConnection, generation: int) -> None:
-        channel = declare_ingest_topology(connection, connection.channel())
-        channel.basic_qos(prefetch_count=self._prefetch)
-        dlx_channel = connection.channel()
-        dlx_channel.confirm_delivery()
-        self._generation = generation
-        self._cancelled = False
-        self._timer_armed = False  # a timer of the previous connection died with it
-        # Deliveries go straight to the buffer. The DeliveryReader parses them out of
-        # the received bytes (pika's frame objects, callbacks and buffer copies were
-        # most of the link thread's CPU per message: benchmarks.ingest_cpu); what it
-        # leaves to pika arrives through the consumer sink, which pika's own
-        # BlockingChannel.consume() uses too (_basic_consume_impl(alternate_event_sink=
-        # …); pyproject pins pika below 2). The broker's cancel arrives there as well.
-        consumer_tag = f"hub.ingest.{uuid.uuid4().hex}"
-        self.reader = DeliveryReader(
-            connection._impl, channel._impl, consumer_tag, self._on_delivery
-        )
-        channel._basic_consume_impl(
-            queue=QUEUE,
-            auto_ack=False,
-            exclusive=False,
-            consumer_tag=consumer_tag,
-            alternate_event_sink=self._on_consumer_event,
-        )
-        self._channel, self._dlx_channel = channel, dlx_channel
-        self._connection = connection
+    # -- state -------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """True while consuming."""
+        return self._connected
 
-    def on_events(self) -> None:
-        if self._cancelled:
-            raise pika.exceptions.ConsumerCancelled("the broker cancelled the consumer")
-        for channel in (self._channel, self._dlx_channel):
-            if channel is not None and channel.is_closed:  # closed by the broker: start over
-                raise pika.exceptions.ChannelClosed(0, "an ingest channel was closed")
-        if self._closed:
-            raise LinkStop("ingest stopped")
-        if not self._buffer:
-            return
-        if self._handoff_interval_s:
-            now = time.monotonic()
-            wait = self._last_handoff + self._handoff_interval_s - now
-            if wait > 0:  # too soon after the last one: keep collecting
-                self._arm_handoff()
-                return
-            self._last_handoff = now
-        self.handoffs += 1
-        batch, self._buffer = self._buffer, []
-        with self._lock:
-            self._outbox += batch
-            if self._wake_pending:
-                return  # trio has not taken the last ones yet: it takes these too
-            self._wake_pending = True
-        try:
-            self._token.run_sync_soon(self._hand_over)
-        except trio.RunFinishedError:
-            raise LinkStop("ingest stopped") from None
+    @property
+    def generation(self) -> int:
+        """The current connection's number (0 before the first connect)."""
+        return self._generation
 
-    def _arm_handoff(self) -> None:
-        """Make ``process_data_events`` return when the buffer is due (a pika timer:
-        nothing else wakes the link thread for deliveries)."""
-        if self._timer_armed or self._connection is None:
-            return
-        self._timer_armed = True
-        wait = max(0.0, self._last_handoff + self._handoff_interval_s - time.monotonic())
-        self._connection.call_later(wait, self._on_handoff_due)
+    @property
+    def reads(self) -> int:
+        """Socket reads of the current connection (0 while there is none)."""
+        conn = self._conn
+        return conn.reads if conn is not None else 0
 
-    def _on_handoff_due(self) -> None:
-        # A timer of the link thread: process_data_events returns, on_events hands over.
-        self._timer_armed = False
-
-    # -- in trio -----------------------------------------------------------------------
-    def _take_outbox(self) -> list[Delivery]:
-        with self._lock:
-            self._wake_pending = False
-            batch, self._outbox = self._outbox, []
-        return batch
-
-    def _hand_over(self) -> None:
-        """In trio (``run_sync_soon``): move the outbox into the memory channel; when
-        the channel is full, a system task waits for room (and takes whatever reaches
-        the outbox meanwhile, in order)."""
-        if self._sending:
-            with self._lock:
-                self._wake_pending = False  # _send_when_room takes the outbox
-            return
-        batch = self._take_outbox()
-        if not batch:
-            return
-        try:
-            self._send.send_nowait(batch)
-        except trio.WouldBlock:
-            self.held_batches += 1
-            self._sending = True
-            trio.lowlevel.spawn_system_task(self._send_when_room, batch)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closed = True
-
-    async def _send_when_room(self, batch: list[Delivery]) -> None:
-        try:
-            while batch:
-                await self._send.send(batch)
-                batch = self._take_outbox()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closed = True
-        finally:
-            self._sending = False
-
-    def on_disconnected(self) -> None:
-        self._channel = self._dlx_channel = None
-        self._connection = None
-        self._buffer = []
-        with self._lock:  # the broker requeues them
-            self._outbox = []
-
-    def _on_consumer_event(self, evt: Any) -> None:
-        """What pika delivers to the ingest consumer itself, in the link thread: the
-        deliveries the :class:`DeliveryReader` left to pika, and the broker's cancel of
-        the consumer (the sink replaces pika's consumer callbacks)."""
-        method = getattr(evt, "method", None)
-        if type(method) is not Basic.Deliver:  # a _ConsumerCancellationEvt
-            self._on_cancelled(evt)
-            return
-        self._on_delivery(
-            method.delivery_tag,
-            method.redelivered,
-            method.exchange,
-            method.routing_key,
-            evt.properties,
-            evt.body,
+    def statistics(self) -> IngestLinkStatistics:
+        return IngestLinkStatistics(
+            self._connected, self._generation, self._reconnects, self._last_error
         )
 
+    async def check_ready(self) -> None:
+        """Readiness check for ``node.ready_checks``.
+
+        Raises:
+            AmqpUnavailable: the link is not consuming.
+        """
+        if not self._connected:
+            raise AmqpUnavailable(f"RabbitMQ is not connected ({self._last_error or 'starting'})")
+
+    async def wait_connected(self, generation_above: int = 0) -> int:
+        """Wait until consuming on a connection numbered above ``generation_above``;
+        returns its number."""
+        while not (self._connected and self._generation > generation_above):
+            await self._changed.wait()
+        return self._generation
+
+    async def wait_disconnected(self) -> None:
+        while self._connected:
+            await self._changed.wait()
+
+    def _set_connected(self, connected: bool, error: str | None = None) -> None:
+        self._connected = connected
+        if error is not None:
+            self._last_error = error
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def request_reconnect(self) -> None:
+        """Drop the current connection and connect again at once (its unacked
+        deliveries are requeued by the broker)."""
+        self._reconnect_requested = True
+        self._wake.set()
+
+    # -- deliveries --------------------------------------------------------------------
     def _on_delivery(
         self,
         tag: int,
@@ -340,43 +291,73 @@ class IngestConsumer:
         properties: BasicProperties,
         body: bytes,
     ) -> None:
-        """A delivery, in the link thread (from the :class:`DeliveryReader` or pika): it
-        joins the buffer, and the first of a batch arms the hand-over."""
-        buffer = self._buffer
-        buffer.append(
+        # In the reader task, for every delivery: keep it short.
+        self._inbox.append(
             Delivery(self._generation, tag, body, properties, routing_key, exchange, redelivered)
         )
-        if len(buffer) == 1:
-            self._arm_handoff()
+        if self._waiting:
+            self._inbox_ready.set()
 
-    def _on_cancelled(self, frame: Any) -> None:
-        # The queue was deleted or the node is going away: reconnect (and redeclare).
-        log.warning("RabbitMQ cancelled the ingest consumer; reconnecting")
-        self._cancelled = True
+    async def next_batch(self, limit: int) -> list[Delivery] | None:
+        """The deliveries received and not taken yet (at most ``limit``; waits for one),
+        or ``None`` once :meth:`close_deliveries` was called.
 
-    # -- called in the link thread through AmqpLink.call_soon ---------------------------
+        Cancellation: safe; nothing is taken from the inbox unless this returns.
+        """
+        if self._inbox and not self._deliveries_closed:
+            await trio.lowlevel.checkpoint()
+        while not self._inbox or self._deliveries_closed:
+            if self._deliveries_closed:
+                return None
+            self._waiting = True
+            try:
+                await self._inbox_ready.wait()
+            finally:
+                self._waiting = False
+                self._inbox_ready = trio.Event()
+        inbox = self._inbox
+        if len(inbox) <= limit:
+            self._inbox = []
+            batch = inbox
+        else:
+            batch = inbox[:limit]
+            del inbox[:limit]
+        self.batches += 1
+        return batch
+
+    def close_deliveries(self) -> None:
+        """Make :meth:`next_batch` return ``None`` from now on (the actor stops); what
+        waits in the inbox is redelivered by the broker after the close."""
+        self._deliveries_closed = True
+        self._inbox_ready.set()
+
     def ack_upto(self, generation: int, tag: int) -> None:
-        """Ack every delivery of ``generation`` up to ``tag`` (``multiple=True``).
+        """Ack every delivery of ``generation`` up to ``tag`` (``multiple=True``); never
+        waits (the connection's writer sends it).
 
         Ignored when the connection of that generation is gone: the broker has already
         requeued those deliveries, and they come back (and are deduplicated).
         """
-        channel = self._channel
-        if generation != self._generation or channel is None or not channel.is_open:
+        conn = self._conn
+        if generation != self._generation or conn is None:
             return
-        channel.basic_ack(delivery_tag=tag, multiple=True)
+        conn.ack(self._channel, tag, multiple=True)
 
-    def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+    async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> bool:
         """Publish ``delivery`` to ``hub.dlx`` with the reason headers and wait for the
-        broker's confirm. The ack of the original is submitted after this call by the
-        trio side, so it reaches the broker only after the dead letter is stored.
+        broker's confirm.
 
-        A nack from the broker is logged and the original is still acked: an invalid
-        message is never redelivered in a loop.
+        Returns:
+            True when the original may be acked: the dead letter is stored, or the
+            broker refused it (a nack: logged, and the original is still acked, so an
+            invalid message is never redelivered in a loop). False when it is unknown
+            whether the dead letter arrived (the connection went away, or no confirm
+            came in :data:`DEAD_LETTER_TIMEOUT_S`): then the original must not be acked,
+            and the link reconnects, so it is redelivered and judged again.
         """
-        channel = self._dlx_channel
-        if delivery.generation != self._generation or channel is None or not channel.is_open:
-            return  # the original is redelivered and judged again
+        conn = self._conn
+        if delivery.generation != self._generation or conn is None:
+            return False
         props = delivery.properties
         headers = dict(props.headers or {})
         headers.update(
@@ -401,18 +382,136 @@ class IngestConsumer:
             type=props.type,
             app_id=props.app_id,
         )
+        outcome: tuple[bool, bool] | None = None
         try:
-            channel.basic_publish(
-                DEAD_LETTER_EXCHANGE,
-                delivery.routing_key,
-                delivery.body,
-                dead_props,
-                mandatory=True,
+            with trio.move_on_after(DEAD_LETTER_TIMEOUT_S):
+                outcome = await conn.publish_confirmed(
+                    self._dlx_channel,
+                    DEAD_LETTER_EXCHANGE,
+                    delivery.routing_key,
+                    delivery.body,
+                    dead_props,
+                    mandatory=True,
+                )
+        except (AmqpConnectionLost, AmqpChannelClosed) as exc:
+            log.warning("a dead letter was not confirmed (%s); the original comes back", exc)
+            self.request_reconnect()
+            return False
+        if outcome is None:
+            log.error(
+                "RabbitMQ did not confirm a dead letter in %.0f s; reconnecting",
+                DEAD_LETTER_TIMEOUT_S,
             )
+            self.request_reconnect()
+            return False
+        acked, returned = outcome
+        if acked and not returned:
             self.dead_lettered += 1
-        except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as exc:
+        else:
             log.error(
                 "RabbitMQ refused the dead letter (%s); the invalid message is dropped",
-                type(exc).__name__,
+                "unroutable" if returned else "nack",
                 extra={"reason": reason, "routing_key": delivery.routing_key},
             )
+        return True
+
+    # -- the connection ----------------------------------------------------------------
+    def _on_cancelled(self) -> None:
+        # The queue was deleted or its node is going away: reconnect (and redeclare).
+        log.warning("RabbitMQ cancelled the ingest consumer; reconnecting")
+        self.request_reconnect()
+
+    def _on_channel_closed(self, error: AmqpChannelClosed) -> None:
+        if error.channel in (self._channel, self._dlx_channel) and self._connected:
+            log.warning("an ingest channel was closed by RabbitMQ (%s); reconnecting", error)
+            self._last_error = str(error)
+            self.request_reconnect()
+
+    async def _set_up(self, conn: AmqpConnection) -> None:
+        channel = await declare_ingest_topology(conn, await conn.open_channel())
+        await conn.rpc(channel, BasicMethods.Qos(prefetch_count=self._prefetch), BasicMethods.QosOk)
+        dlx_channel = await conn.open_channel()
+        await conn.confirm_select(dlx_channel)
+        conn.on_channel_closed = self._on_channel_closed
+        self._channel, self._dlx_channel = channel, dlx_channel
+        self._generation += 1  # deliveries from now on belong to this connection
+        self._conn = conn
+        await conn.consume(
+            channel,
+            QUEUE,
+            f"hub.ingest.{uuid.uuid4().hex}",
+            self._on_delivery,
+            self._on_cancelled,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, consume, reconnect; return after :meth:`stop`."""
+        self._running = True
+        self._run_done = trio.Event()
+        task_status.started()
+        delay = RECONNECT_INITIAL_S
+        try:
+            while not self._stopping:
+                error: str | None = None
+                self._wake = trio.Event()
+                self._reconnect_requested = False
+                try:
+                    async with open_amqp_connection(self.url, name=self.name) as conn:
+                        await self._set_up(conn)
+                        self._set_connected(True)
+                        log.info(
+                            "connected to RabbitMQ",
+                            extra={
+                                "link": self.name,
+                                "generation": self._generation,
+                                "url": redact_url(self.url),
+                            },
+                        )
+                        delay = RECONNECT_INITIAL_S
+                        if not self._stopping:
+                            await self._wake.wait()
+                        # Leaving the block writes what was queued (the last acks),
+                        # then closes the connection politely.
+                except (AmqpConnectionLost, AmqpChannelClosed) as exc:
+                    error = str(exc)
+                except Exception as exc:  # a bug: log it, reconnect
+                    log.exception("the ingest link failed", extra={"link": self.name})
+                    error = f"{type(exc).__name__}: {exc}"
+                finally:
+                    self._conn = None
+                    self._inbox = []  # the broker requeues them
+                    if self._connected:
+                        self._reconnects += 1
+                    self._set_connected(False, error or self._last_error)
+                if self._stopping:
+                    break
+                if self._reconnect_requested and error is None:
+                    continue  # asked for: connect again at once
+                log.warning(
+                    "RabbitMQ connection failed (%s); retrying in about %.1fs",
+                    error,
+                    delay,
+                    extra={"link": self.name, "url": redact_url(self.url)},
+                )
+                with trio.move_on_after(delay * (0.5 + random.random())):
+                    await self._wake.wait()
+                delay = min(delay * 2, self.reconnect_max_s)
+        finally:
+            self._running = False
+            self._run_done.set()
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+        """Close the connection politely (acks queued before this are written first)
+        and end :meth:`run`. Idempotent.
+
+        Returns:
+            True when :meth:`run` ended within ``timeout_s``.
+        """
+        self._stopping = True
+        self.close_deliveries()
+        self._wake.set()
+        if not self._running:
+            return True
+        with trio.move_on_after(timeout_s):
+            await self._run_done.wait()
+        return self._run_done.is_set()

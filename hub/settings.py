@@ -80,13 +80,6 @@ class Settings(BaseSettings):
     amqp_ack_interval_ms: float = Field(
         5.0, gt=0, le=60_000, description="Ingest flushes its acks at least this often (ms)."
     )
-    amqp_handoff_interval_ms: float = Field(
-        2.0,
-        ge=0,
-        le=1000,
-        description="Ingest hands deliveries to the realtime core at most this often (ms; "
-        "0: at once); larger batches cost less CPU per message.",
-    )
     amqp_reconnect_max_s: float = Field(
         10.0, gt=0, le=300, description="Cap of the RabbitMQ reconnect backoff."
     )

@@ -14,9 +14,8 @@ import pika
 import trio
 
 from actors.channel import FanoutBatch
-from actors.ingest import INGEST_MAILBOX_BATCHES, IngestActor
-from bridge.amqp_connection import open_amqp_link
-from bridge.amqp_ingest import DEAD_LETTER_QUEUE, QUEUE, Delivery, IngestConsumer
+from actors.ingest import IngestActor
+from bridge.amqp_ingest import DEAD_LETTER_QUEUE, QUEUE, IngestLink
 from bridge.dedupe import MemoryDedupe
 from tests.ingest.rabbit import Producer, Vhost, drain_queue, queue_depth
 
@@ -70,26 +69,22 @@ class RecordingRealtime:
 async def running_ingest(
     url: str, realtime: RecordingRealtime, *, prefetch: int = 50
 ) -> AsyncIterator[IngestActor]:
-    send, receive = trio.open_memory_channel[list[Delivery]](INGEST_MAILBOX_BATCHES)
-    consumer = IngestConsumer(send, prefetch=prefetch, node_id="test-node")
-    async with open_amqp_link(url, name="test-node/ingest", handler=consumer) as link:
-        actor = IngestActor(
-            realtime,
-            MemoryDedupe(),
-            link,
-            consumer,
-            receive,
-            ack_batch=prefetch // 2,
-            ack_interval_s=0.005,
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(actor.run)
-            with trio.fail_after(TIMEOUT_S):
-                await link.wait_connected()
-            yield actor
-            with trio.fail_after(TIMEOUT_S):
-                await actor.stop()
-        receive.close()
+    link = IngestLink(url, name="test-node/ingest", prefetch=prefetch, node_id="test-node")
+    actor = IngestActor(
+        realtime,
+        MemoryDedupe(),
+        link,
+        ack_batch=prefetch // 2,
+        ack_interval_s=0.005,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await nursery.start(actor.run)
+        with trio.fail_after(TIMEOUT_S):
+            await link.wait_connected()
+        yield actor
+        with trio.fail_after(TIMEOUT_S):
+            await actor.stop()
 
 
 async def test_messages_are_published_in_order_and_acked(vhost: Vhost) -> None:

@@ -1,8 +1,7 @@
-"""The hand-off between the ingest link thread and the trio side, against the real
-RabbitMQ: a busy trio side never blocks the link thread and loses or reorders nothing,
-batches that queued up behind a busy trio side are handled as one write-combining
-batch, a stop right after the last message still acks it, and under steady traffic
-deliveries are handed over in batches at most every ``handoff_interval_s``.
+"""The hand-off between the ingest link and the ingest actor, against the real RabbitMQ:
+what arrives while the actor is busy waits in order and is handled as one
+write-combining batch (up to the limit), nothing is lost or repeated, and a stop right
+after the last message still acks it.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import trio
 import actors.ingest
 from actors.channel import FanoutBatch
 from actors.ingest import IngestActor
-from bridge.amqp_connection import AmqpLink, open_amqp_link
-from bridge.amqp_ingest import QUEUE, Delivery, IngestConsumer
+from bridge.amqp_ingest import QUEUE, IngestLink
 from bridge.dedupe import MemoryDedupe
 from tests.ingest.rabbit import Producer, Vhost, publish_paced, queue_depth
 
@@ -59,26 +57,26 @@ class GatedRealtime:
         return self.batch
 
 
-class RecordingReceive:
-    """The actor's mailbox, recording the size of each batch it takes and how (``wait``:
-    the receive it waited on; ``joined``: taken without waiting, behind another)."""
+class CountingLink(IngestLink):
+    """The ingest link, with an event for "this many deliveries have arrived"."""
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[list[Delivery]]) -> None:
-        self._receive = receive
-        self.taken: list[tuple[str, int]] = []
+    def __init__(self, url: str) -> None:
+        super().__init__(url, name="test-node/ingest", prefetch=PREFETCH, node_id="test-node")
+        self.arrived = 0
+        self.want = 0
+        self.reached = trio.Event()
 
-    async def receive(self) -> list[Delivery]:
-        batch = await self._receive.receive()
-        self.taken.append(("wait", len(batch)))
-        return batch
+    def _on_delivery(self, *args: Any) -> None:
+        super()._on_delivery(*args)
+        self.arrived += 1
+        if self.arrived >= self.want:
+            self.reached.set()
 
-    def receive_nowait(self) -> list[Delivery]:
-        batch = self._receive.receive_nowait()
-        self.taken.append(("joined", len(batch)))
-        return batch
-
-    def close(self) -> None:
-        self._receive.close()
+    async def wait_arrived(self, count: int) -> None:
+        self.want = count
+        if self.arrived < count:
+            self.reached = trio.Event()
+            await self.reached.wait()
 
 
 @asynccontextmanager
@@ -86,127 +84,67 @@ async def ingest(
     url: str,
     realtime: GatedRealtime,
     *,
-    mailbox: int,
     ack_batch: int = PREFETCH // 2,
     ack_interval_s: float = 0.005,
-    handoff_interval_s: float = 0.0,
-    recorder: list[RecordingReceive] | None = None,
-) -> AsyncIterator[tuple[IngestActor, IngestConsumer, AmqpLink]]:
-    send, channel = trio.open_memory_channel[list[Delivery]](mailbox)
-    receive = RecordingReceive(channel)
-    if recorder is not None:
-        recorder.append(receive)
-    consumer = IngestConsumer(
-        send, prefetch=PREFETCH, node_id="test-node", handoff_interval_s=handoff_interval_s
+) -> AsyncIterator[tuple[IngestActor, CountingLink]]:
+    link = CountingLink(url)
+    actor = IngestActor(
+        realtime, MemoryDedupe(), link, ack_batch=ack_batch, ack_interval_s=ack_interval_s
     )
-    async with open_amqp_link(url, name="test-node/ingest", handler=consumer) as link:
-        actor = IngestActor(
-            realtime,
-            MemoryDedupe(),
-            link,
-            consumer,
-            receive,  # type: ignore[arg-type]  # the actor takes a memory channel's methods
-            ack_batch=ack_batch,
-            ack_interval_s=ack_interval_s,
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(actor.run)
-            with trio.fail_after(TIMEOUT_S):
-                await link.wait_connected()
-            yield actor, consumer, link
-            with trio.fail_after(TIMEOUT_S):
-                await actor.stop()
-        receive.close()
-
-
-async def test_a_busy_trio_side_holds_deliveries_in_order(vhost: Vhost) -> None:
-    realtime = GatedRealtime()
-    total = PREFETCH - 20  # all of it reaches the node while the gate is shut
-    messages: list[dict[str, Any] | bytes] = [
-        {"channel": "public.handoff", "data": {"n": i}, "id": f"h{i}"} for i in range(total)
-    ]
-    # A one-batch mailbox: the first delivery is stuck at the gate, the next batch fills
-    # the mailbox, and the ones after it must wait for room without blocking the thread.
-    async with ingest(vhost.url, realtime, mailbox=1) as (actor, consumer, link):
-        async with trio.open_nursery() as nursery:
-            # Paced, so that the deliveries reach the node in many separate rounds.
-            nursery.start_soon(trio.to_thread.run_sync, publish_paced, vhost.url, messages, 500)
-            with trio.fail_after(TIMEOUT_S):
-                while consumer.held_batches == 0:
-                    # Each call is a round trip through the link thread: it answers
-                    # while trio is stuck, and the deliveries of that round are handed
-                    # over before the next one.
-                    assert await link.call(lambda: 42) == 42
-        assert realtime.published == []  # everything is still waiting at the gate
-        realtime.gate.set()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        await nursery.start(actor.run)
         with trio.fail_after(TIMEOUT_S):
-            await actor.wait_until(lambda s: s.acked == total)
-    assert [data["n"] for data in realtime.published] == list(range(total))
-    assert actor.statistics().duplicates == 0
-    assert queue_depth(vhost.url, QUEUE) == (0, 0)
+            await link.wait_connected()
+        yield actor, link
+        with trio.fail_after(TIMEOUT_S):
+            await actor.stop()
 
 
-async def _fill_behind_the_gate(
-    url: str, total: int, **options: Any
-) -> tuple[GatedRealtime, RecordingReceive]:
-    """``total`` paced messages reach a node whose first publish is stuck at the gate
-    (a one-message first batch, then a full mailbox); the gate opens and everything is
-    published. Returns the realtime (what was published, in which batch) and the
-    mailbox's record."""
+async def _arrive_behind_the_gate(url: str, total: int) -> GatedRealtime:
+    """``total`` paced messages (many separate reads) reach a node whose first publish
+    is stuck at the gate; once all have arrived the gate opens. Returns the realtime:
+    what was published, in which write-combining batch."""
     realtime = GatedRealtime()
     messages: list[dict[str, Any] | bytes] = [
         {"channel": "public.handoff", "data": {"n": i}, "id": f"m{i}"} for i in range(total)
     ]
-    recorder: list[RecordingReceive] = []
-    async with ingest(url, realtime, mailbox=4, recorder=recorder, **options) as (
-        actor,
-        consumer,
-        link,
-    ):
+    async with ingest(url, realtime) as (actor, link):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, publish_paced, url, messages, 500)
             with trio.fail_after(TIMEOUT_S):
-                while consumer.held_batches == 0:  # the mailbox is full
-                    assert await link.call(lambda: 42) == 42
+                await link.wait_arrived(total)
+        assert realtime.published == []  # everything is still waiting at the gate
         realtime.gate.set()
         with trio.fail_after(TIMEOUT_S):
             await actor.wait_until(lambda s: s.acked == total)
+        assert actor.statistics().duplicates == 0
     assert [data["n"] for data in realtime.published] == list(range(total))
     assert queue_depth(url, QUEUE) == (0, 0)
-    return realtime, recorder[0]
+    return realtime
 
 
-def _groups(taken: list[tuple[str, int]]) -> list[int]:
-    """Per delivery, the receive it came with: a waited-for batch and the batches
-    joined behind it are one group."""
-    groups: list[int] = []
-    group = -1
-    for way, size in taken:
-        if way == "wait":
-            group += 1
-        groups += [group] * size
-    return groups
+def _batch_sizes(realtime: GatedRealtime) -> list[int]:
+    return [realtime.batches.count(b) for b in sorted(set(realtime.batches))]
 
 
-async def test_batches_that_queued_up_are_handled_as_one(vhost: Vhost) -> None:
-    realtime, mailbox = await _fill_behind_the_gate(vhost.url, PREFETCH - 20)
-    # The first batch waited at the gate; the ones behind it in the mailbox were taken
-    # together with the next one, and published in one write-combining batch.
-    how = [way for way, _ in mailbox.taken]
-    assert how[:3] == ["wait", "wait", "joined"], mailbox.taken
-    groups = _groups(mailbox.taken)
-    assert len(groups) == len(realtime.batches)
-    pairs = set(zip(groups, realtime.batches, strict=True))
-    # One write-combining batch per group, and one group per write-combining batch.
-    assert len(pairs) == len({g for g, _ in pairs}) == len({b for _, b in pairs}), pairs
-    assert len(set(realtime.batches)) < len(mailbox.taken)
+async def test_what_arrived_meanwhile_is_handled_as_one_batch(vhost: Vhost) -> None:
+    total = PREFETCH - 20
+    realtime = await _arrive_behind_the_gate(vhost.url, total)
+    # The first batch waited at the gate; everything that arrived meanwhile, over many
+    # reads, was published in one write-combining batch after it.
+    sizes = _batch_sizes(realtime)
+    assert len(sizes) == 2, sizes
+    assert sizes[0] < total // 2, sizes
 
 
-async def test_joining_stops_at_the_limit(vhost: Vhost, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(actors.ingest, "MERGE_MAX_DELIVERIES", 1)
-    realtime, mailbox = await _fill_behind_the_gate(vhost.url, PREFETCH - 20)
-    assert {way for way, _ in mailbox.taken} == {"wait"}, mailbox.taken
-    assert len(set(realtime.batches)) == len(mailbox.taken)
+async def test_batches_stop_at_the_limit(vhost: Vhost, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(actors.ingest, "MERGE_MAX_DELIVERIES", 10)
+    total = PREFETCH - 20
+    realtime = await _arrive_behind_the_gate(vhost.url, total)
+    sizes = _batch_sizes(realtime)
+    assert max(sizes) == 10, sizes
+    assert len(sizes) >= total // 10, sizes
 
 
 async def test_stop_right_after_the_last_message_acks_it(vhost: Vhost) -> None:
@@ -214,9 +152,10 @@ async def test_stop_right_after_the_last_message_acks_it(vhost: Vhost) -> None:
     realtime.gate.set()
     total = 30
     # Acks would only go out at the stop: a batch larger than the stream, a long interval.
-    async with ingest(
-        vhost.url, realtime, mailbox=4, ack_batch=PREFETCH // 2, ack_interval_s=60.0
-    ) as (actor, _, _):
+    async with ingest(vhost.url, realtime, ack_batch=PREFETCH // 2, ack_interval_s=60.0) as (
+        actor,
+        _,
+    ):
         producer = Producer(vhost.url)
         for i in range(total):
             producer.publish({"channel": "public.handoff", "data": {"n": i}, "id": f"s{i}"})
@@ -226,28 +165,3 @@ async def test_stop_right_after_the_last_message_acks_it(vhost: Vhost) -> None:
         assert actor.statistics().acked == 0  # nothing flushed yet: the stop must do it
     assert actor.statistics().acked == total
     assert queue_depth(vhost.url, QUEUE) == (0, 0)  # nothing was requeued
-
-
-async def test_steady_traffic_is_handed_over_in_paced_batches(vhost: Vhost) -> None:
-    realtime = GatedRealtime()
-    realtime.gate.set()
-    total, rate, interval = 400, 800, 0.05  # half a second of traffic
-    messages: list[dict[str, Any] | bytes] = [
-        {"channel": "public.handoff", "data": {"n": i}, "id": f"p{i}"} for i in range(total)
-    ]
-    async with ingest(vhost.url, realtime, mailbox=4, handoff_interval_s=interval) as (
-        actor,
-        consumer,
-        _,
-    ):
-        started = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, publish_paced, vhost.url, messages, rate)
-            with trio.fail_after(TIMEOUT_S):
-                await actor.wait_until(lambda s: s.published == total)
-        elapsed = trio.current_time() - started
-    # One message per round would be ~400 hand-overs; paced, one per interval at most
-    # (plus the first, which goes at once).
-    assert consumer.handoffs <= elapsed / interval + 2, (consumer.handoffs, elapsed)
-    assert consumer.handoffs >= 2  # the traffic was not held for the whole stream
-    assert [data["n"] for data in realtime.published] == list(range(total))
