@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -88,7 +89,8 @@ class Delivery(NamedTuple):
     redelivered: bool
 
 
-class IngestLinkStatistics(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class IngestLinkStatistics:
     """``connected``: consuming; ``generation``: how many connections got that far;
     ``last_error``: why it last went down."""
 

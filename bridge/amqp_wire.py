@@ -349,7 +349,6 @@ class AmqpConnection:
         self._consumers: dict[str, tuple[DeliveryCallback, Callable[[], None] | None]] = {}
         self._out: list[bytes] = []
         self._out_ready = trio.Event()
-        self._written = trio.Event()
         self._closing = False
         self._closed = trio.Event()
         self._lost: AmqpConnectionLost | None = None
@@ -372,11 +371,6 @@ class AmqpConnection:
 
     def send_method(self, channel: int, method: Any) -> None:
         self.send(pika_frame.Method(channel, method).marshal())
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is written."""
-        while self._out:
-            await self._written.wait()
 
     # -- channels and RPCs -------------------------------------------------------------
     def _add_channel(self, number: int) -> _Channel:
@@ -602,8 +596,6 @@ class AmqpConnection:
                 self._out.clear()
                 await stream.send_all(data)
                 self._sent_since_tick = True
-                self._written.set()
-                self._written = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise AmqpConnectionLost(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 

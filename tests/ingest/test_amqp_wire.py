@@ -21,7 +21,7 @@ from pika import spec
 from bridge.amqp_connection import AmqpUnavailable
 from bridge.amqp_ingest import EXCHANGE, Delivery, IngestLink
 from bridge.amqp_wire import AmqpConnectionLost, AmqpParameters, FrameReader
-from tests.ingest.rabbit import Vhost
+from tests.ingest.rabbit import HOST, PORT, Vhost
 
 TIMEOUT_S = 20
 REFERENCE_QUEUE = "fastpath.reference"
@@ -291,3 +291,78 @@ def test_urls(url: str, expected: tuple[Any, ...]) -> None:
 def test_a_url_of_another_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="amqp://"):
         AmqpParameters.from_url("http://h")
+
+
+# -- connection failures ----------------------------------------------------------------
+class FreezingProxy:
+    """A TCP proxy in front of RabbitMQ whose connections can go silent at once: after
+    :meth:`freeze`, nothing more is forwarded either way and no close is passed on (a
+    network that drops everything). Connections made after that work normally."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._frozen: list[trio.Event] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def freeze(self) -> None:
+        for frozen in self._frozen:
+            frozen.set()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        frozen = trio.Event()
+        self._frozen.append(frozen)
+        async with client, await trio.open_tcp_stream(HOST, PORT) as upstream:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                async for chunk in src:
+                    if frozen.is_set():
+                        await trio.sleep_forever()
+                    await dst.send_all(chunk)
+                if frozen.is_set():
+                    await trio.sleep_forever()
+                await dst.send_eof()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+
+
+async def test_a_silent_broker_is_detected_by_heartbeats(vhost: Vhost) -> None:
+    async with trio.open_nursery() as outer:
+        proxy = FreezingProxy()
+        await outer.start(proxy.serve)
+        url = vhost.url.replace(f"{HOST}:{PORT}", f"127.0.0.1:{proxy.port}") + "?heartbeat=1"
+        assert str(proxy.port) in url
+        async with consuming(url) as link:
+            first = link.generation
+            proxy.freeze()
+            started = trio.current_time()
+            with trio.fail_after(TIMEOUT_S):
+                await link.wait_disconnected()
+            silent_for = trio.current_time() - started
+            assert "no data from the broker" in str(link.statistics().last_error)
+            assert 1.5 <= silent_for <= 5.0, silent_for  # two heartbeat intervals, give or take
+            with trio.fail_after(TIMEOUT_S):
+                await link.wait_connected(generation_above=first)
+        outer.cancel_scope.cancel()
+
+
+async def test_a_channel_the_broker_closes_is_replaced(vhost: Vhost) -> None:
+    batch = messages()[:5]
+    async with consuming(vhost.url) as link:
+        await trio.to_thread.run_sync(publish, vhost.url, batch)
+        first = await take(link, len(batch))
+        # An ack for a tag the broker never delivered: it closes the channel (406).
+        link.ack_upto(first[0].generation, 10_000)
+        with trio.fail_after(TIMEOUT_S):
+            await link.wait_connected(generation_above=first[0].generation)
+        assert "PRECONDITION_FAILED" in str(link.statistics().last_error)
+        again = await take(link, len(batch))  # nothing was acked: all of it comes back
+    assert [d.body for d in again] == [d.body for d in first]
+    assert all(d.redelivered for d in again)
+    await trio.to_thread.run_sync(as_pika_parses, vhost.url, len(batch))

@@ -59,7 +59,7 @@ async def test_ingest_counters_and_links_are_scraped(tmp_path: Path) -> None:
 
             await trio.to_thread.run_sync(produce)
             with trio.fail_after(WAIT_S):
-                await ingest.wait_until(lambda stats: stats.received >= 3)
+                await ingest.wait_until(lambda s: s.published + s.duplicates + s.dead_lettered >= 3)
 
             result = await scrape(running)
             assert result.value("hub_amqp_messages_consumed_total") == 3
@@ -68,7 +68,9 @@ async def test_ingest_counters_and_links_are_scraped(tmp_path: Path) -> None:
             assert result.value("hub_amqp_messages_redelivered_total") == 0
             assert result.value("hub_messages_published_total") == 1
             links = {labels["link"] for labels in result.labels_of("hub_amqp_connected")}
-            assert "email" in links
+            assert links == {"email", "ingest"}
+            assert result.value("hub_amqp_connected", link="ingest") == 1
+            assert result.value("hub_amqp_connected", link="email") == 1
             assert result.value("hub_amqp_reconnects_total", link="email") == 0
     finally:
         await trio.to_thread.run_sync(vhost.delete)
