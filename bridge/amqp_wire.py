@@ -720,5 +720,6 @@ async def open_amqp_connection(url: str, *, name: str) -> AsyncIterator[AmqpConn
             raise group.exceptions[0] from None  # the block's own error, as it was raised
         raise
     finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        # At once: the AMQP close (if any) is done, and a TLS close must not wait for a
+        # peer that may never answer.
+        await trio.aclose_forcefully(stream)
