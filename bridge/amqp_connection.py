@@ -46,6 +46,7 @@ __all__ = [
     "AmqpLinkStatistics",
     "AmqpUnavailable",
     "LinkHandler",
+    "LinkState",
     "LinkStop",
     "open_amqp_link",
     "redact_url",
@@ -126,73 +127,20 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-class _PendingCall:
-    """One :meth:`AmqpLink.call` in flight: the thread fills ``value`` or ``error``."""
-
-    __slots__ = ("done", "error", "value")
+class LinkState:
+    """The connection state of a RabbitMQ link as the trio side sees it (readiness,
+    metrics, tests). Only the trio thread reads and changes it."""
 
     def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-
-class AmqpLink:
-    """A pika ``BlockingConnection`` owned by one thread, with reconnects.
-
-    Create it with :func:`open_amqp_link`.
-
-    Args:
-        url: ``amqp://user:password@host:port/vhost?heartbeat=30`` (pika URL syntax).
-        name: shown in the RabbitMQ management UI as the connection name and used for
-            the thread name.
-        handler: what runs on the connection (see :class:`LinkHandler`).
-        reconnect_max_s: cap of the reconnect backoff.
-
-    Cancellation:
-        :meth:`call` can be cancelled while it waits; the callable may still run in the
-        link thread afterwards (its result is then dropped).
-
-    Backpressure:
-        The link thread blocks while its handler hands deliveries to trio, so a slow
-        trio side stops reading from the socket, and the broker stops at the prefetch.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        name: str,
-        handler: LinkHandler,
-        reconnect_max_s: float = 30.0,
-    ) -> None:
-        self.url = url
-        self.name = name
-        self.handler = handler
-        self.reconnect_max_s = max(reconnect_max_s, RECONNECT_INITIAL_S)
-        self._params = pika.URLParameters(url)
-        self._params.connection_attempts = 1
-        self._params.socket_timeout = SOCKET_TIMEOUT_S
-        self._params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
-        self._params.client_properties = {"connection_name": name, "product": "notification-hub"}
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._reconnect_now = threading.Event()
-        self._lock = threading.Lock()  # guards _conn and _pending across the two threads
-        self._conn: BlockingConnection | None = None
-        self._pending: set[_PendingCall] = set()
-        self._generation = 0
         self._connected = False
-        self._last_error: str | None = None
+        self._generation = 0
         self._reconnects = 0
+        self._last_error: str | None = None
         self._changed = trio.Event()
-        self._thread_done = trio.Event()
 
-    # -- trio side ---------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        """True while the connection is open and the handler is set up."""
+        """True while the connection is open and set up."""
         return self._connected
 
     @property
@@ -226,6 +174,74 @@ class AmqpLink:
         while self._connected:
             await self._changed.wait()
 
+    def _set_connected(self, connected: bool, error: str | None = None) -> None:
+        self._connected = connected
+        if error is not None:
+            self._last_error = error
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class _PendingCall:
+    """One :meth:`AmqpLink.call` in flight: the thread fills ``value`` or ``error``."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class AmqpLink(LinkState):
+    """A pika ``BlockingConnection`` owned by one thread, with reconnects.
+
+    Create it with :func:`open_amqp_link`.
+
+    Args:
+        url: ``amqp://user:password@host:port/vhost?heartbeat=30`` (pika URL syntax).
+        name: shown in the RabbitMQ management UI as the connection name and used for
+            the thread name.
+        handler: what runs on the connection (see :class:`LinkHandler`).
+        reconnect_max_s: cap of the reconnect backoff.
+
+    Cancellation:
+        :meth:`call` can be cancelled while it waits; the callable may still run in the
+        link thread afterwards (its result is then dropped).
+
+    Backpressure:
+        The link thread blocks while its handler hands deliveries to trio, so a slow
+        trio side stops reading from the socket, and the broker stops at the prefetch.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        handler: LinkHandler,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.name = name
+        self.handler = handler
+        self.reconnect_max_s = max(reconnect_max_s, RECONNECT_INITIAL_S)
+        self._params = pika.URLParameters(url)
+        self._params.connection_attempts = 1
+        self._params.socket_timeout = SOCKET_TIMEOUT_S
+        self._params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
+        self._params.client_properties = {"connection_name": name, "product": "notification-hub"}
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._reconnect_now = threading.Event()
+        self._lock = threading.Lock()  # guards _conn and _pending across the two threads
+        self._conn: BlockingConnection | None = None
+        self._pending: set[_PendingCall] = set()
+        self._thread_done = trio.Event()
+
+    # -- trio side ---------------------------------------------------------------------
     def call_soon(self, fn: Callable[[], object]) -> bool:
         """Run ``fn()`` in the link thread soon; callbacks run in submission order.
 
@@ -332,12 +348,8 @@ class AmqpLink:
         return self._thread_done.is_set()
 
     def _set_state(self, connected: bool, generation: int, error: str | None) -> None:
-        self._connected = connected
         self._generation = generation
-        if error is not None:
-            self._last_error = error
-        self._changed.set()
-        self._changed = trio.Event()
+        self._set_connected(connected, error)
 
     # -- link thread -------------------------------------------------------------------
     def _notify(self, fn: Callable[..., object], *args: Any) -> None:

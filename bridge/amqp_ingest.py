@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -37,7 +36,7 @@ import trio
 from pika.spec import Basic as BasicMethods
 from pika.spec import BasicProperties, Exchange, Queue
 
-from bridge.amqp_connection import RECONNECT_INITIAL_S, AmqpUnavailable, redact_url
+from bridge.amqp_connection import RECONNECT_INITIAL_S, LinkState, redact_url
 from bridge.amqp_wire import (
     AmqpChannelClosed,
     AmqpConnection,
@@ -52,7 +51,6 @@ __all__ = [
     "QUEUE",
     "Delivery",
     "IngestLink",
-    "IngestLinkStatistics",
     "declare_ingest_topology",
 ]
 
@@ -87,17 +85,6 @@ class Delivery(NamedTuple):
     routing_key: str
     exchange: str
     redelivered: bool
-
-
-@dataclass(frozen=True, slots=True)
-class IngestLinkStatistics:
-    """``connected``: consuming; ``generation``: how many connections got that far;
-    ``last_error``: why it last went down."""
-
-    connected: bool
-    generation: int
-    reconnects: int
-    last_error: str | None
 
 
 # -- topology --------------------------------------------------------------------------
@@ -169,7 +156,7 @@ async def declare_ingest_topology(conn: AmqpConnection, channel: int) -> int:
 
 
 # -- the link --------------------------------------------------------------------------
-class IngestLink:
+class IngestLink(LinkState):
     """Consumes ``hub.notifications`` on the trio loop, reconnecting by itself.
 
     Args:
@@ -201,6 +188,7 @@ class IngestLink:
         node_id: str,
         reconnect_max_s: float = 10.0,
     ) -> None:
+        super().__init__()
         self.url = url
         self.name = name
         self._prefetch = prefetch
@@ -209,11 +197,6 @@ class IngestLink:
         self._conn: AmqpConnection | None = None
         self._channel = 0
         self._dlx_channel = 0
-        self._generation = 0
-        self._connected = False
-        self._reconnects = 0
-        self._last_error: str | None = None
-        self._changed = trio.Event()
         self._wake = trio.Event()  # stop, a reconnect request, a cancel, a closed channel
         self._reconnect_requested = False
         self._stopping = False
@@ -230,52 +213,10 @@ class IngestLink:
 
     # -- state -------------------------------------------------------------------------
     @property
-    def connected(self) -> bool:
-        """True while consuming."""
-        return self._connected
-
-    @property
-    def generation(self) -> int:
-        """The current connection's number (0 before the first connect)."""
-        return self._generation
-
-    @property
     def reads(self) -> int:
         """Socket reads of the current connection (0 while there is none)."""
         conn = self._conn
         return conn.reads if conn is not None else 0
-
-    def statistics(self) -> IngestLinkStatistics:
-        return IngestLinkStatistics(
-            self._connected, self._generation, self._reconnects, self._last_error
-        )
-
-    async def check_ready(self) -> None:
-        """Readiness check for ``node.ready_checks``.
-
-        Raises:
-            AmqpUnavailable: the link is not consuming.
-        """
-        if not self._connected:
-            raise AmqpUnavailable(f"RabbitMQ is not connected ({self._last_error or 'starting'})")
-
-    async def wait_connected(self, generation_above: int = 0) -> int:
-        """Wait until consuming on a connection numbered above ``generation_above``;
-        returns its number."""
-        while not (self._connected and self._generation > generation_above):
-            await self._changed.wait()
-        return self._generation
-
-    async def wait_disconnected(self) -> None:
-        while self._connected:
-            await self._changed.wait()
-
-    def _set_connected(self, connected: bool, error: str | None = None) -> None:
-        self._connected = connected
-        if error is not None:
-            self._last_error = error
-        self._changed.set()
-        self._changed = trio.Event()
 
     def request_reconnect(self) -> None:
         """Drop the current connection and connect again at once (its unacked
