@@ -252,3 +252,40 @@ async def test_a_dead_letter_exchange_of_another_type_is_used_as_it_is(vhost: Vh
         connection = pika.BlockingConnection(pika.URLParameters(vhost.url))
         connection.channel().exchange_delete("hub.dlx")
         connection.close()
+
+
+def delete_exchange(url: str, name: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().exchange_delete(name)
+    finally:
+        connection.close()
+
+
+async def test_a_dead_letter_the_broker_did_not_take_is_not_acked(vhost: Vhost) -> None:
+    # An operator deletes hub.dlx while the node runs: the dead letter is refused (the
+    # broker closes the channel: 404), so the original must stay unacked, and whatever
+    # the same connection handled after it must not ack it either. The node reconnects,
+    # declares hub.dlx again, and the redelivered original is dead-lettered then.
+    # Prefetch 2 acks every delivery as soon as it is done (ack batch 1): the ack comes
+    # before the link has replaced the connection.
+    realtime = RecordingRealtime()
+    async with running_ingest(vhost.url, realtime, prefetch=2) as actor:
+        generation = actor.link.generation
+        await trio.to_thread.run_sync(delete_exchange, vhost.url, "hub.dlx")
+        producer = Producer(vhost.url)
+        producer.publish(b"not json", routing_key="poison.0")
+        producer.publish({"channel": "public.x", "data": {"n": 1}, "id": "after"})
+        producer.close()
+        with trio.fail_after(TIMEOUT_S):
+            await actor.link.wait_connected(generation_above=generation)
+            await actor.wait_until(lambda s: s.dead_lettered == 1 and s.acked == s.received)
+        stats = actor.statistics()
+    assert stats.received == 4  # both came back
+    assert stats.redelivered == 2 and stats.duplicates == 1
+    assert [data for _, data, _, _ in realtime.published] == [{"n": 1}]
+    dead = drain_queue(vhost.url, DEAD_LETTER_QUEUE)
+    assert [(headers["x-hub-reason"], body) for headers, body in dead] == [
+        ("invalid_json", b"not json")
+    ]
+    assert queue_depth(vhost.url, QUEUE) == (0, 0)
