@@ -26,7 +26,8 @@ reaches ``N / C`` subscribers. For each channel count C:
    producer running. Ingested messages/s = frames delivered per second ÷ (N / C) over a
    ``--duration`` window after ``--warmup``; ``backlog_ran_out`` says when the window
    outlasted the backlog (the rate is then a lower bound);
-3. **50%**: producers publish live, open loop at half the max rate; p50/p99/max latency
+3. **50%**: producers publish live, open loop at half the max rate, for ``--warmup``
+   and then a ``--live-duration`` window (default ``--duration``); p50/p99/max latency
    from the producer's *scheduled* send time (``data.t``) to the frame read by a sample
    subscriber (so a producer running late counts as latency);
 4. check: every subscriber got every message of its channel, the sample saw no gap,
@@ -35,7 +36,9 @@ reaches ``N / C`` subscribers. For each channel count C:
 Each phase also reports the node's ``frames_per_write`` (frames delivered per socket
 write, from its ``/metrics`` counters: how much fan-out coalesced), and the live phase
 its p99 per second of the window (``latency_ms_p99_per_second``: one slow second is an
-episode, eight slow seconds a node at capacity) and ``window_started_at``.
+episode, eight slow seconds a node at capacity), ``window_started_at``, and
+``node_loop_stalls_over_50ms``: the node's loop-lag samples over 50 ms (its monitor
+measures every 0.1 s), so an episode the node's loop did not cause shows as none.
 
 Then the same against the peer (``--servers hub`` to skip it): python-socketio's
 ``AsyncAioPikaManager`` on uvicorn (:mod:`benchmarks.ingest_peer`). Its queue belongs to
@@ -135,7 +138,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="channel counts to run (each message reaches subscribers/channels clients)",
     )
     parser.add_argument("--duration", type=float, default=8.0, help="measured window, s")
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="s before the drain window is measured"
+    )
+    parser.add_argument(
+        "--live-duration",
+        type=float,
+        default=None,
+        help="measured window of the 50%% phase, s (default: --duration)",
+    )
     parser.add_argument("--sample", type=int, default=40, help="fully checked subscribers")
     parser.add_argument("--producers", type=int, default=2, help="publisher processes")
     parser.add_argument("--prefill", type=int, default=200_000, help="backlog the max phase drains")
@@ -482,11 +493,19 @@ def _producer_main(ctrl: Any, config: ProducerConfig) -> None:
 
 
 #: The node's counters read at both ends of a window (``None`` for the peer).
-NODE_COUNTERS = ("hub_messages_delivered_total", "hub_fanout_writes_total")
+NODE_COUNTERS = (
+    "hub_messages_delivered_total",
+    "hub_fanout_writes_total",
+    "hub_event_loop_lag_seconds_count",
+    "loop_lag_within_50ms",
+)
+#: The loop-lag bucket whose complement counts the node's own stalls.
+STALL_BUCKET = "0.05"
 
 
 def node_counters(metrics_url: str | None) -> dict[str, float] | None:
-    """:data:`NODE_COUNTERS` from the node's ``/metrics`` (``None`` when unreadable)."""
+    """:data:`NODE_COUNTERS` from the node's ``/metrics`` (``None`` when unreadable);
+    ``loop_lag_within_50ms`` is the loop-lag histogram's ``le="0.05"`` bucket."""
     if metrics_url is None:
         return None
     try:
@@ -497,8 +516,13 @@ def node_counters(metrics_url: str | None) -> dict[str, float] | None:
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in NODE_COUNTERS:
-                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+            name = sample.name
+            if name == "hub_event_loop_lag_seconds_bucket":
+                if sample.labels.get("le") != STALL_BUCKET:
+                    continue
+                name = "loop_lag_within_50ms"
+            if name in NODE_COUNTERS:
+                found[name] = found.get(name, 0.0) + sample.value
     return found if len(found) == len(NODE_COUNTERS) else None
 
 
@@ -626,13 +650,17 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
     def pct(key: str) -> float:
         return round(100 * (pb[key] - pa[key]) / dt, 1)
 
-    frames_per_write = None
+    frames_per_write = stalls = None
     if a.get("node") and b.get("node"):
-        writes = b["node"]["hub_fanout_writes_total"] - a["node"]["hub_fanout_writes_total"]
-        frames = (
-            b["node"]["hub_messages_delivered_total"] - a["node"]["hub_messages_delivered_total"]
+
+        def grew(key: str) -> float:
+            return b["node"][key] - a["node"][key]
+
+        writes = grew("hub_fanout_writes_total")
+        frames_per_write = (
+            round(grew("hub_messages_delivered_total") / writes, 2) if writes else None
         )
-        frames_per_write = round(frames / writes, 2) if writes else None
+        stalls = round(grew("hub_event_loop_lag_seconds_count") - grew("loop_lag_within_50ms"))
     return {
         "window_s": round(dt, 3),
         "delivered_per_s": round(delivered),
@@ -646,6 +674,9 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
         # Frames handed to subscribers per socket write (the node's coalescing; in the
         # live phase, over the warm-up and the window).
         "frames_per_write": frames_per_write,
+        # The node's loop-lag samples (one per 0.1 s) over 50 ms, counted the same way:
+        # a latency episode with none was not the node's loop stalling.
+        "node_loop_stalls_over_50ms": stalls,
         # Everything else that ran meanwhile (other processes on a shared machine):
         # over ~25% makes a run suspect.
         "foreign_cpu_pct": round(100 * (busy - ours) / dt, 1),
@@ -653,6 +684,10 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
             cpu: round(100 * (pb["busy"][cpu] - pa["busy"][cpu]) / dt, 1) for cpu in pb["busy"]
         },
     }
+
+
+def live_duration(args: argparse.Namespace) -> float:
+    return args.duration if args.live_duration is None else args.live_duration
 
 
 def run_drain(
@@ -738,11 +773,13 @@ def run_open_loop(
     """Producers publish live at ``rate``; latency from the sample subscribers."""
     node_before = node_counters(probe.metrics_url)  # frames per write: warm-up included
     for producer in producers:
-        producer.send("run", rate / len(producers), args.warmup + args.duration)
+        producer.send("run", rate / len(producers), args.warmup + live_duration(args))
     time.sleep(args.warmup)
     started_at = time.time()
-    a, b = _window(pool, probe, depth, "half", args.duration, node_before)
-    results = [p.reply(timeout=args.warmup + args.duration + PRODUCER_SLACK_S) for p in producers]
+    a, b = _window(pool, probe, depth, "half", live_duration(args), node_before)
+    results = [
+        p.reply(timeout=args.warmup + live_duration(args) + PRODUCER_SLACK_S) for p in producers
+    ]
     latencies = pool.latencies().get("half", [])
     return {
         "mode": "open loop",
@@ -756,7 +793,7 @@ def run_open_loop(
         "latency_ms_p50": ms(percentile(latencies, 50)),
         "latency_ms_p99": ms(percentile(latencies, 99)),
         "latency_ms_max": ms(max(latencies) if latencies else None),
-        "latency_ms_p99_per_second": per_second_p99(latencies, args.duration),
+        "latency_ms_p99_per_second": per_second_p99(latencies, live_duration(args)),
     }
 
 
@@ -840,7 +877,12 @@ def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[
             f"  {target.name} C={channels} 50%: {h['ingested_per_s']:,} msgs/s, "
             f"p50 {h['latency_ms_p50']} ms, p99 {h['latency_ms_p99']} ms "
             f"(per second: {', '.join(str(v) for v in h['latency_ms_p99_per_second'])})"
-            + (f", {h['frames_per_write']} frames/write" if h["frames_per_write"] else ""),
+            + (f", {h['frames_per_write']} frames/write" if h["frames_per_write"] else "")
+            + (
+                f", node loop stalls > 50 ms: {h['node_loop_stalls_over_50ms']}"
+                if h["node_loop_stalls_over_50ms"] is not None
+                else ""
+            ),
             flush=True,
         )
         per_channel = [a + b for a, b in zip(per_channel, h["per_channel"], strict=True)]

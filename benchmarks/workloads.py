@@ -345,7 +345,9 @@ def ingest(ctx: Context) -> dict[str, Any]:
         ]  # fmt: skip
         layouts = 1
     else:
-        argv = []
+        # RabbitMQ on the generator's CPU, as on a machine of its own: unpinned, its
+        # schedulers also run on the node's core and the node's figures show them.
+        argv = ["--rabbit-cpu", "1"]
         layouts = 2
     argv += ["--servers", *servers, "--out", str(out)]
     ctx.progress.total(2 * layouts * len(servers))

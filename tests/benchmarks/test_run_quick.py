@@ -82,6 +82,8 @@ def test_quick_run_counts_every_frame_of_every_workload(tmp_path: Path) -> None:
         if run["server"] == "hub":  # the node's counters were read at both ends
             assert phases["max"]["frames_per_write"] >= 1, phases["max"]
             assert phases["half"]["frames_per_write"] >= 1, phases["half"]
+            for phase in ("max", "half"):  # read from the loop-lag histogram
+                assert isinstance(phases[phase]["node_loop_stalls_over_50ms"], int), phase
         assert len(phases["half"]["latency_ms_p99_per_second"]) >= 1
     for run in workloads["idle"]["runs"]:
         assert run["connections_held"] == run["levels"][-1]["connections"] > 0, run["server"]
