@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.dedupe import GENERATIONS, MemoryDedupe
+from bridge.dedupe import GENERATIONS, PURGE_CHUNK, MemoryDedupe
 
 
 class FakeClock:
@@ -65,3 +65,32 @@ async def test_max_keys_drops_the_oldest_generation_early() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         MemoryDedupe(0)
+
+
+async def test_expired_ids_are_forgotten_a_chunk_per_call() -> None:
+    # So that forgetting a large generation never holds the trio loop.
+    clock = FakeClock()
+    dedupe = MemoryDedupe(10, clock=clock)
+    for i in range(5 * PURGE_CHUNK):
+        dedupe.add(f"id-{i}")
+    clock.now += 10 + 2 * 10 / GENERATIONS
+    assert dedupe.statistics().keys == 4 * PURGE_CHUNK  # one chunk per call
+    seen = [dedupe.contains(f"id-{i}") for i in range(4)]  # three more chunks
+    assert dedupe.statistics().keys == 0
+    assert seen == [True, True, True, False]  # what waited for its chunk still counted
+
+
+async def test_an_early_drop_is_purged_in_chunks_too() -> None:
+    clock = FakeClock()
+    dedupe = MemoryDedupe(100, max_keys=1000, clock=clock)
+    for i in range(900):
+        dedupe.add(f"old-{i}")
+    clock.now += 100 / GENERATIONS
+    for i in range(101):
+        dedupe.add(f"new-{i}")  # the 101st goes over the bound: the old generation goes
+    stats = dedupe.statistics()  # which purges one chunk
+    assert stats.evicted_early == 900
+    assert stats.keys == 1001 - PURGE_CHUNK
+    for _ in range(3):
+        dedupe.contains("x")
+    assert dedupe.statistics().keys == 101
