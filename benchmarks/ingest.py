@@ -12,7 +12,7 @@ A node (``hub serve`` with ``AMQP_URL`` on a throw-away vhost) runs pinned to
 ``--gen-cpu``. RabbitMQ itself is not pinned unless ``--rabbit-cpu`` says where to keep
 it for the run (``--rabbit-cpu 1``: beside the generator, leaving the node's core to the
 node, as when RabbitMQ runs on a machine of its own). ``--setting NAME=VALUE`` passes a
-setting to the node (e.g. ``AMQP_HANDOFF_INTERVAL_MS=5``). Subscriber ``i`` subscribes to channel
+setting to the node (e.g. ``AMQP_ACK_INTERVAL_MS=20``). Subscriber ``i`` subscribes to channel
 ``public.ingest.<i mod C>`` and message ``k`` goes to channel ``k mod C``, so each message
 reaches ``N / C`` subscribers. For each channel count C:
 
@@ -167,7 +167,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a setting of the node (repeatable), e.g. AMQP_HANDOFF_INTERVAL_MS=5",
+        help="a setting of the node (repeatable), e.g. AMQP_ACK_INTERVAL_MS=20",
     )
     parser.add_argument(
         "--servers",

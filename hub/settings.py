@@ -7,6 +7,7 @@ YAML file are an error, so a typo never passes silently.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+log = logging.getLogger("hub.settings")
+
+#: Settings that no longer do anything, and why: still accepted (with a warning) in a
+#: ``.env`` or YAML file, so that a file written for an older release keeps working.
+RETIRED_SETTINGS = {
+    "amqp_handoff_interval_ms": "the RabbitMQ ingest runs on the node's loop, with no "
+    "thread to hand deliveries over from",
+}
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 _PERIOD_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -248,6 +258,19 @@ class Settings(BaseSettings):
         if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in [k for k in data if isinstance(k, str) and k.lower() in RETIRED_SETTINGS]:
+                log.warning(
+                    "%s is no longer used (%s); remove it",
+                    key.upper(),
+                    RETIRED_SETTINGS[key.lower()],
+                )
+                data = {k: v for k, v in data.items() if k != key}
+        return data
 
     @model_validator(mode="after")
     def _cross(self) -> Settings:

@@ -104,6 +104,20 @@ def test_bad_setting_is_one_clear_line(
     assert "\n" not in line and fragment in line
 
 
+@pytest.mark.parametrize("where", [".env", "hub.yml"])
+def test_a_retired_setting_is_ignored_with_a_warning(
+    clean_env: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if where == ".env":
+        (clean_env / ".env").write_text("AMQP_HANDOFF_INTERVAL_MS=2\nHISTORY_TTL=77\n")
+        settings = load_settings()
+    else:
+        (clean_env / "hub.yml").write_text("AMQP_HANDOFF_INTERVAL_MS: 2\nHISTORY_TTL: 77\n")
+        settings = load_settings(clean_env / "hub.yml")
+    assert settings.history_ttl == 77
+    assert "AMQP_HANDOFF_INTERVAL_MS is no longer used" in caplog.text
+
+
 def test_unknown_yaml_key_is_rejected(clean_env: Path) -> None:
     cfg = clean_env / "hub.yml"
     cfg.write_text("HISTORY_SIZEE: 7\n")
