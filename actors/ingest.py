@@ -288,7 +288,6 @@ class IngestActor:
         self._unflushed = 0
         self._ack_due = trio.Event()
         self._stopping = False
-        self._idle = False  # waiting for the next batch
         self._running = False
         self._exited = trio.Event()
         self._changed = trio.Event()
@@ -415,24 +414,13 @@ class IngestActor:
         await self._dedupe.remember(message.id)
         self._published += 1
 
-    async def _next_batch(self) -> list[Delivery] | None:
-        """What the link received since the last batch (at most
-        :data:`MERGE_MAX_DELIVERIES`; waits for one), or ``None`` once :meth:`stop`
-        closed the deliveries.
-
-        A node that falls behind gets everything that arrived meanwhile as one batch and
-        writes each subscriber once for all of it, which is how it catches up.
-        """
-        self._idle = True
-        try:
-            return await self._link.next_batch(MERGE_MAX_DELIVERIES)
-        finally:
-            self._idle = False
-
     async def _consume(self) -> None:
-        # No checkpoint of its own: next_batch() is one, batch or not.
+        # No checkpoint of its own: next_batch() is one, batch or not. A node that falls
+        # behind gets everything that arrived meanwhile (up to MERGE_MAX_DELIVERIES) as
+        # one batch and writes each subscriber once for all of it, which is how it
+        # catches up; next_batch() returns None once stop() closed the deliveries.
         while not self._stopping:
-            batch = await self._next_batch()
+            batch = await self._link.next_batch(MERGE_MAX_DELIVERIES)
             if batch is None:
                 return
             # Small channels write each subscriber once per batch, not once per

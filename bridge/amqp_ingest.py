@@ -207,9 +207,8 @@ class IngestLink(LinkState):
         self._inbox_ready = trio.Event()
         self._waiting = False
         self._deliveries_closed = False
-        #: Batches taken by the actor, dead letters confirmed.
+        #: Batches taken by the actor.
         self.batches = 0
-        self.dead_lettered = 0
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -348,9 +347,7 @@ class IngestLink(LinkState):
             self.request_reconnect()
             return False
         acked, returned = outcome
-        if acked and not returned:
-            self.dead_lettered += 1
-        else:
+        if not acked or returned:
             log.error(
                 "RabbitMQ refused the dead letter (%s); the invalid message is dropped",
                 "unroutable" if returned else "nack",

@@ -373,11 +373,16 @@ class AmqpConnection:
         self.send(pika_frame.Method(channel, method).marshal())
 
     # -- channels and RPCs -------------------------------------------------------------
-    def _add_channel(self, number: int) -> _Channel:
+    def _add_channel(self, number: int) -> None:
         send, receive = trio.open_memory_channel[Any](math.inf)
-        channel = _Channel(number, send, receive)
-        self._channels[number] = channel
-        return channel
+        self._channels[number] = _Channel(number, send, receive)
+
+    def _open_state(self, channel: int) -> _Channel:
+        """``channel``'s state; raises :class:`AmqpChannelClosed` once it is closed."""
+        state = self._channels[channel]
+        if not state.open:
+            raise AmqpChannelClosed(channel, 504, "CHANNEL_ERROR - channel is closed")
+        return state
 
     async def open_channel(self) -> int:
         """Open a new channel and return its number."""
@@ -394,12 +399,9 @@ class AmqpConnection:
             AmqpChannelClosed: the broker closed the channel instead (an error reply).
             AmqpConnectionLost: the connection went away meanwhile.
         """
-        state = self._channels[channel]
-        if not state.open:
-            raise AmqpChannelClosed(channel, 504, "CHANNEL_ERROR - channel is closed")
+        state = self._open_state(channel)
         async with state.lock:
-            if method is not None:
-                self.send_method(channel, method)
+            self.send_method(channel, method)
             return await self._expect(state, reply)
 
     async def _expect(self, state: _Channel, reply: type[M]) -> M:
@@ -433,43 +435,30 @@ class AmqpConnection:
             ``(acked, returned)``: ``acked`` False for a nack; ``returned`` True when a
             mandatory message could not be routed (the broker returned it).
         """
-        state = self._channels[channel]
+        state = self._open_state(channel)
         assert state.confirming, "confirm_select() the channel first"
-        if not state.open:
-            raise AmqpChannelClosed(channel, 504, "CHANNEL_ERROR - channel is closed")
-        async with state.lock:  # one publish in flight per channel: a Return is its own
-            seq = state.next_seq
-            state.next_seq += 1
-            done = trio.Event()
-            state.confirms[seq] = [done, False]
-            state.returned = False
-            self.send(
-                self._content_frames(channel, exchange, routing_key, body, properties, mandatory)
-            )
-            await done.wait()
-            acked = state.confirms.pop(seq)[1]
-            if isinstance(acked, Exception):
-                raise acked
-            return bool(acked), state.returned
-
-    def _content_frames(
-        self,
-        channel: int,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        properties: spec.BasicProperties,
-        mandatory: bool,
-    ) -> bytes:
         method = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
         frames = [
             pika_frame.Method(channel, method).marshal(),
             pika_frame.Header(channel, len(body), properties).marshal(),
         ]
         chunk = self.frame_max - 8
-        for at in range(0, len(body), chunk):
-            frames.append(pika_frame.Body(channel, body[at : at + chunk]).marshal())
-        return b"".join(frames)
+        frames += (
+            pika_frame.Body(channel, body[at : at + chunk]).marshal()
+            for at in range(0, len(body), chunk)
+        )
+        async with state.lock:  # one publish in flight per channel: a Return is its own
+            seq = state.next_seq
+            state.next_seq += 1
+            done = trio.Event()
+            state.confirms[seq] = [done, False]
+            state.returned = False
+            self.send(b"".join(frames))
+            await done.wait()
+            acked = state.confirms.pop(seq)[1]
+            if isinstance(acked, Exception):
+                raise acked
+            return bool(acked), state.returned
 
     async def consume(
         self,

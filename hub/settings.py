@@ -262,15 +262,14 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _retired(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in [k for k in data if isinstance(k, str) and k.lower() in RETIRED_SETTINGS]:
-                log.warning(
-                    "%s is no longer used (%s); remove it",
-                    key.upper(),
-                    RETIRED_SETTINGS[key.lower()],
-                )
-                data = {k: v for k, v in data.items() if k != key}
-        return data
+        if not isinstance(data, dict):
+            return data
+        retired = [k for k in data if isinstance(k, str) and k.lower() in RETIRED_SETTINGS]
+        for key in retired:
+            log.warning(
+                "%s is no longer used (%s); remove it", key.upper(), RETIRED_SETTINGS[key.lower()]
+            )
+        return {k: v for k, v in data.items() if k not in retired}
 
     @model_validator(mode="after")
     def _cross(self) -> Settings:
