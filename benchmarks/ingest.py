@@ -39,6 +39,10 @@ its p99 per second of the window (``latency_ms_p99_per_second``: one slow second
 episode, eight slow seconds a node at capacity), ``window_started_at``, and
 ``node_loop_stalls_over_50ms``: the node's loop-lag samples over 50 ms (its monitor
 measures every 0.1 s), so an episode the node's loop did not cause shows as none.
+The hub's latency is also split at the node's ``data.timestamp`` (stamped as it
+publishes the message, to the millisecond): ``before_node_ms_p99`` (producer, RabbitMQ,
+the node's read and parse) and ``after_node_ms_p99`` (fan-out, the sockets, the sample
+subscriber), overall and per second, so an episode shows on which side it happened.
 
 Then the same against the peer (``--servers hub`` to skip it): python-socketio's
 ``AsyncAioPikaManager`` on uvicorn (:mod:`benchmarks.ingest_peer`). Its queue belongs to
@@ -341,6 +345,11 @@ class RotatingPool:
 
     def latencies(self) -> dict[str, list[float]]:
         result: dict[str, list[float]] = self.sample.call("latencies")
+        return result
+
+    def before_node(self) -> dict[str, list[float]]:
+        """Per latency sample (same order), the part before the node published it."""
+        result: dict[str, list[float]] = self.sample.call("before_node")
         return result
 
     def stop(self) -> None:
@@ -781,6 +790,16 @@ def run_open_loop(
         p.reply(timeout=args.warmup + live_duration(args) + PRODUCER_SLACK_S) for p in producers
     ]
     latencies = pool.latencies().get("half", [])
+    before = pool.before_node().get("half", [])
+    split: dict[str, Any] = {}
+    if before and len(before) == len(latencies):
+        after = [total - part for total, part in zip(latencies, before, strict=True)]
+        split = {
+            "before_node_ms_p99": ms(percentile(before, 99)),
+            "after_node_ms_p99": ms(percentile(after, 99)),
+            "before_node_ms_p99_per_second": per_second_p99(before, live_duration(args)),
+            "after_node_ms_p99_per_second": per_second_p99(after, live_duration(args)),
+        }
     return {
         "mode": "open loop",
         "target_rate": round(rate, 1),
@@ -794,6 +813,7 @@ def run_open_loop(
         "latency_ms_p99": ms(percentile(latencies, 99)),
         "latency_ms_max": ms(max(latencies) if latencies else None),
         "latency_ms_p99_per_second": per_second_p99(latencies, live_duration(args)),
+        **split,
     }
 
 
@@ -877,6 +897,12 @@ def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[
             f"  {target.name} C={channels} 50%: {h['ingested_per_s']:,} msgs/s, "
             f"p50 {h['latency_ms_p50']} ms, p99 {h['latency_ms_p99']} ms "
             f"(per second: {', '.join(str(v) for v in h['latency_ms_p99_per_second'])})"
+            + (
+                f"; p99 before/after the node {h['before_node_ms_p99']} / "
+                f"{h['after_node_ms_p99']} ms"
+                if "before_node_ms_p99" in h
+                else ""
+            )
             + (f", {h['frames_per_write']} frames/write" if h["frames_per_write"] else "")
             + (
                 f", node loop stalls > 50 ms: {h['node_loop_stalls_over_50ms']}"

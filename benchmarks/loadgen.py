@@ -57,6 +57,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -536,6 +537,22 @@ class HubNotification:
     epoch: str
     seq: int
     t_ns: int | None
+    #: The node's ``data.timestamp`` (stamped when it published the message), in ms
+    #: since the epoch; ``None`` when absent or not the node's ISO format.
+    stamped_ms: int | None = None
+
+
+def iso_ms(text: object) -> int | None:
+    """``2025-01-31T12:00:00.123Z`` as ms since the epoch (``None`` if not that form)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        return None
+    return round(stamp.timestamp() * 1000)
 
 
 def parse_hub_notification(payload: bytes) -> HubNotification | None:
@@ -556,7 +573,9 @@ def parse_hub_notification(payload: bytes) -> HubNotification | None:
         raise ValueError("notification data without id/timestamp")
     epoch, seq = parse_offset(offset)
     t = data.get("t")
-    return HubNotification(channel, epoch, seq, t if isinstance(t, int) else None)
+    return HubNotification(
+        channel, epoch, seq, t if isinstance(t, int) else None, iso_ms(data["timestamp"])
+    )
 
 
 def parse_socketio_notification(payload: bytes) -> HubNotification | None:
@@ -698,6 +717,9 @@ class SubscriberWorker:
         self.sample_bad = 0
         self.phase: str | None = None
         self.latencies: dict[str, list[float]] = {}
+        #: Per latency sample of a hub frame, the part before the node published it
+        #: (publisher's ``data.t`` → the node's ``data.timestamp``; ms resolution).
+        self.before_node: dict[str, list[float]] = {}
         self.frame_sizes: Counter[int] = Counter()
         self._src = 0
         self._dead_text = 0
@@ -878,6 +900,8 @@ class SubscriberWorker:
             self.checker.check(f"{sub.fd}/{note.channel}", note.epoch, note.seq)
             if self.phase is not None and note.t_ns is not None:
                 self.latencies[self.phase].append((now_ns - note.t_ns) / 1e6)
+                if note.stamped_ms is not None:
+                    self.before_node[self.phase].append(note.stamped_ms - note.t_ns / 1e6)
         if sub.decoder.bad:
             self.sample_bad += 1
             self._kill(sub)
@@ -1024,9 +1048,12 @@ class SubscriberWorker:
                 self.phase = args[0]
                 if self.phase is not None:
                     self.latencies[self.phase] = []
+                    self.before_node[self.phase] = []
                 ctrl.send(True)
             elif command == "latencies":
                 ctrl.send(self.latencies)
+            elif command == "before_node":
+                ctrl.send(self.before_node)
             elif command == "close":
                 self.close_all()
                 ctrl.send(True)
