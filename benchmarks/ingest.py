@@ -43,6 +43,11 @@ The hub's latency is also split at the node's ``data.timestamp`` (stamped as it
 publishes the message, to the millisecond): ``before_node_ms_p99`` (producer, RabbitMQ,
 the node's read and parse) and ``after_node_ms_p99`` (fan-out, the sockets, the sample
 subscriber), overall and per second, so an episode shows on which side it happened.
+The node's own delay histogram (``hub_amqp_ingest_delay_seconds``: from the socket read
+that brought a message to its fan-out) splits the first part further:
+``in_node_ms_p99_at_most`` (the bucket bound 99% of the messages stayed under, warm-up
+included) and ``in_node_over_50ms_pct``; what ``before_node`` has beyond it was spent in
+the producer, the network and RabbitMQ.
 
 Then the same against the peer (``--servers hub`` to skip it): python-socketio's
 ``AsyncAioPikaManager`` on uvicorn (:mod:`benchmarks.ingest_peer`). Its queue belongs to
@@ -510,6 +515,9 @@ NODE_COUNTERS = (
 )
 #: The loop-lag bucket whose complement counts the node's own stalls.
 STALL_BUCKET = "0.05"
+#: The node's in-node delay histogram (socket read → batch handed to fan-out); its
+#: buckets are read as ``<name>_bucket:<le>`` when the node has one.
+INGEST_DELAY = "hub_amqp_ingest_delay_seconds"
 
 
 def node_counters(metrics_url: str | None) -> dict[str, float] | None:
@@ -530,9 +538,34 @@ def node_counters(metrics_url: str | None) -> dict[str, float] | None:
                 if sample.labels.get("le") != STALL_BUCKET:
                     continue
                 name = "loop_lag_within_50ms"
+            elif name == f"{INGEST_DELAY}_bucket":
+                found[f"{name}:{sample.labels['le']}"] = sample.value
+                continue
             if name in NODE_COUNTERS:
                 found[name] = found.get(name, 0.0) + sample.value
-    return found if len(found) == len(NODE_COUNTERS) else None
+    return found if all(name in found for name in NODE_COUNTERS) else None
+
+
+def in_node_delay(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
+    """From the node's delay histogram between two reads: the bucket bound under which
+    99% of the messages stayed in the node (``in_node_ms_p99_at_most``), and the share
+    that stayed over 50 ms. Empty when the node exposes no such histogram."""
+    prefix = f"{INGEST_DELAY}_bucket:"
+    grew = {
+        key.removeprefix(prefix): b[key] - a.get(key, 0.0) for key in b if key.startswith(prefix)
+    }
+    total = grew.pop("+Inf", 0.0)
+    if not total:
+        return {}
+    cumulative = sorted((float(le), count) for le, count in grew.items())
+    p99 = next((le for le, count in cumulative if count >= 0.99 * total), None)
+    within_50ms = dict(cumulative).get(0.05)
+    return {
+        "in_node_ms_p99_at_most": None if p99 is None else round(p99 * 1000, 1),
+        "in_node_over_50ms_pct": (
+            None if within_50ms is None else round(100 * (1 - within_50ms / total), 3)
+        ),
+    }
 
 
 def per_second_p99(latencies: list[float], seconds: float) -> list[float | None]:
@@ -660,6 +693,7 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
         return round(100 * (pb[key] - pa[key]) / dt, 1)
 
     frames_per_write = stalls = None
+    delay: dict[str, Any] = {}
     if a.get("node") and b.get("node"):
 
         def grew(key: str) -> float:
@@ -670,6 +704,7 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
             round(grew("hub_messages_delivered_total") / writes, 2) if writes else None
         )
         stalls = round(grew("hub_event_loop_lag_seconds_count") - grew("loop_lag_within_50ms"))
+        delay = in_node_delay(a["node"], b["node"])
     return {
         "window_s": round(dt, 3),
         "delivered_per_s": round(delivered),
@@ -686,6 +721,10 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
         # The node's loop-lag samples (one per 0.1 s) over 50 ms, counted the same way:
         # a latency episode with none was not the node's loop stalling.
         "node_loop_stalls_over_50ms": stalls,
+        # Each message's time in the node, from the socket read that brought it to its
+        # fan-out (hub_amqp_ingest_delay_seconds; live phase: warm-up included): what
+        # of the latency the node's own queueing and work can be.
+        **delay,
         # Everything else that ran meanwhile (other processes on a shared machine):
         # over ~25% makes a run suspect.
         "foreign_cpu_pct": round(100 * (busy - ours) / dt, 1),
@@ -901,6 +940,12 @@ def run_layout(args: argparse.Namespace, target: Target, channels: int) -> dict[
                 f"; p99 before/after the node {h['before_node_ms_p99']} / "
                 f"{h['after_node_ms_p99']} ms"
                 if "before_node_ms_p99" in h
+                else ""
+            )
+            + (
+                f"; in the node: 99% ≤ {h['in_node_ms_p99_at_most']} ms, "
+                f"{h['in_node_over_50ms_pct']}% > 50 ms"
+                if "in_node_ms_p99_at_most" in h
                 else ""
             )
             + (f", {h['frames_per_write']} frames/write" if h["frames_per_write"] else "")

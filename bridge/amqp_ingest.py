@@ -73,7 +73,8 @@ _PRECONDITION_FAILED = 406
 
 
 class Delivery(NamedTuple):
-    """One message as received. ``tag`` is only meaningful within ``generation``.
+    """One message as received. ``tag`` is only meaningful within ``generation``;
+    ``received_at`` is the ``trio.current_time()`` of the socket read that brought it.
 
     A named tuple: immutable, and cheap to build for every message.
     """
@@ -85,6 +86,7 @@ class Delivery(NamedTuple):
     routing_key: str
     exchange: str
     redelivered: bool
+    received_at: float
 
 
 # -- topology --------------------------------------------------------------------------
@@ -234,8 +236,19 @@ class IngestLink(LinkState):
         body: bytes,
     ) -> None:
         # In the reader task, for every delivery: keep it short.
+        conn = self._conn
+        received_at = conn.last_received if conn is not None else trio.current_time()
         self._inbox.append(
-            Delivery(self._generation, tag, body, properties, routing_key, exchange, redelivered)
+            Delivery(
+                self._generation,
+                tag,
+                body,
+                properties,
+                routing_key,
+                exchange,
+                redelivered,
+                received_at,
+            )
         )
         if self._waiting:
             self._inbox_ready.set()

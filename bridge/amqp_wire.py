@@ -555,6 +555,12 @@ class AmqpConnection:
             if state.open:
                 self._channel_gone(state, error)
 
+    @property
+    def last_received(self) -> float:
+        """``trio.current_time()`` of the latest socket read: in the reader's callbacks,
+        when the frames being dispatched arrived."""
+        return self._last_received
+
     # -- the tasks ---------------------------------------------------------------------
     async def _read(self) -> None:
         stream = self._stream

@@ -221,6 +221,15 @@ _SPECS = (
         "ingest",
     ),
     MetricSpec(
+        "hub_amqp_ingest_delay_seconds",
+        "histogram",
+        (),
+        "Time a consumed message spent in the node: from the socket read that brought it "
+        "to its batch handed to fan-out (validated, deduped, published, written). Rising: "
+        "the node falls behind its queue (RabbitMQ holds the rest, up to the prefetch).",
+        "ingest",
+    ),
+    MetricSpec(
         "hub_amqp_connected",
         "gauge",
         ("link",),

@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, is_dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 
@@ -166,6 +168,19 @@ class NodeCollector:
         yield from _simple(stats, "dead_lettered", "hub_amqp_messages_dead_lettered_total")
         yield from _simple(stats, "duplicates", "hub_amqp_messages_duplicate_total")
         yield from _simple(stats, "publish_retries", "hub_amqp_publish_retries_total")
+        counts = stats.get("delay_counts")
+        if counts:
+            from actors.ingest import DELAY_BUCKETS
+
+            item = spec("hub_amqp_ingest_delay_seconds")
+            bounds = [*(repr(float(b)) for b in DELAY_BUCKETS), "+Inf"]
+            delay = HistogramMetricFamily(item.name, item.help)
+            delay.add_metric(
+                [],
+                list(zip(bounds, accumulate(counts), strict=True)),
+                sum_value=_number(stats, "delay_sum_s") or 0.0,
+            )
+            yield delay
 
     def _email(self, services: Any) -> Iterator[Metric]:
         stats = _read(getattr(services, "email_worker", None), "statistics")

@@ -1,5 +1,6 @@
 """RabbitMQ numbers at ``/metrics``: a real broker, a vhost of the test's own, a producer
-publishing a valid message, a repeat of it and one that is not JSON."""
+publishing a valid message, a repeat of it and one that is not JSON (counters, the
+in-node delay histogram, the links' state)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,16 @@ async def test_ingest_counters_and_links_are_scraped(tmp_path: Path) -> None:
             assert result.value("hub_amqp_messages_dead_lettered_total") == 1
             assert result.value("hub_amqp_messages_redelivered_total") == 0
             assert result.value("hub_messages_published_total") == 1
+            # Every handled delivery's time in the node, duplicate and dead letter too.
+            delay = "hub_amqp_ingest_delay_seconds"
+            assert result.value(f"{delay}_count") == 3
+            assert result.value(f"{delay}_bucket", le="+Inf") == 3
+            assert 0 < result.value(f"{delay}_sum") < 3 * WAIT_S
+            buckets = [
+                result.value(f"{delay}_bucket", le=labels["le"])
+                for labels in result.labels_of(f"{delay}_bucket")
+            ]
+            assert buckets == sorted(buckets)  # cumulative
             links = {labels["link"] for labels in result.labels_of("hub_amqp_connected")}
             assert links == {"email", "ingest"}
             assert result.value("hub_amqp_connected", link="ingest") == 1
