@@ -15,7 +15,8 @@ remove: when this path has a slow second, so has the hub's.
 
 Prints p50/p99/max and the p99 of each second for ``--windows`` windows of
 ``--duration`` seconds (each after ``--warmup``), and writes them as JSON
-(``benchmarks/results/ingest-broker.json`` or ``--out``).
+(``benchmarks/results/ingest-broker.json`` or ``--out``). Exit status 1 when a window
+received another number of messages than its producers sent.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     vhost.create()
     pad = max(0, args.frame_bytes - 150 - len(CHANNEL_PREFIX))
     try:
-        with rabbit_pinned(args.rabbit_cpu):
+        with rabbit_pinned(args.rabbit_cpu) as rabbit:
+            report["rabbitmq"] = rabbit
             consumer = Worker(_consumer_main, (vhost.url, args.prefetch, args.node_cpu), "consumer")
             tag = f"broker.{os.getpid()}.{time.time_ns()}"
             producers = [
@@ -199,10 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
     finally:
         vhost.delete()
+    # Every published message was consumed once (the consumer acks what it read).
+    report["checks_ok"] = all(w["received"] == w["sent"] for w in report["windows"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {args.out}" + ("" if report["checks_ok"] else "; COUNT CHECK FAILED"))
+    return 0 if report["checks_ok"] else 1
 
 
 if __name__ == "__main__":

@@ -515,9 +515,10 @@ METHOD = """\
   groups; every wait bounded). Only 127.0.0.0/8 addresses are used.
 - **Pinning**: every server process on CPU 0, every load-generator process on CPU 1
   (`taskset` / `sched_setaffinity`), on a 2-vCPU machine. For the ingest workload,
-  RabbitMQ is kept on CPU 1 for the run (as on a machine of its own; unpinned, its
-  schedulers also run on the servers' core); Redis is not pinned. The server's CPU % is
-  reported so that a run where the server was not the bottleneck shows.
+  RabbitMQ is kept on CPU 1 for the run, ahead of the generator there (nice −10), as on
+  a machine of its own: unpinned, its schedulers also run on the servers' core; at the
+  generator's priority, the generator starves it at times; Redis is not pinned. The
+  server's CPU % is reported so that a run where the server was not the bottleneck shows.
 - **Generator** (`benchmarks/loadgen.py`): raw non-blocking sockets on epoll, hand-written
   WebSocket upgrade; *counting* processes count frames by their 2–10 byte headers in big
   batched reads, one *sample* process decodes every frame, checks the JSON and the

@@ -345,8 +345,9 @@ def ingest(ctx: Context) -> dict[str, Any]:
         ]  # fmt: skip
         layouts = 1
     else:
-        # RabbitMQ on the generator's CPU, as on a machine of its own: unpinned, its
-        # schedulers also run on the node's core and the node's figures show them.
+        # RabbitMQ on the generator's CPU, ahead of the generator, as on a machine of its
+        # own: unpinned, its schedulers also run on the node's core and the node's figures
+        # show them; at the generator's priority, its 1,000 clients starve it at times.
         argv = ["--rabbit-cpu", "1"]
         layouts = 2
     argv += ["--servers", *servers, "--out", str(out)]
