@@ -45,26 +45,35 @@ EPOCH_BYTES = 4
 PUBLISH_YIELD_INTERVAL_S = 0.0005
 
 
-#: One publication kept in history: ``(seq, offset, payload, at)``. A plain tuple of
-#: atoms on purpose (no :class:`Publication`, no named tuple): the garbage collector
-#: stops tracking such a tuple at its first pass, so a full history (``history_size`` ×
-#: channels entries, replaced at the publish rate) does not feed the collector's oldest
-#: generation, whose full passes stall the loop for tens of milliseconds.
-_Entry = tuple[int, str, bytes, float]
-_SEQ, _OFFSET, _PAYLOAD, _AT = range(4)
+#: Nothing kept per publication is an object the garbage collector tracks: history is
+#: two deques of atoms (payload bytes, publish times) per channel, the dedupe window
+#: two dicts from ``"<channel>\\n<id>"`` strings to atoms. Long-lived tracked objects
+#: made at the publish rate (a tuple per history entry, two per remembered id) while as
+#: many old ones are freed keep the collector's young-generation count from growing, so
+#: its first pass comes late and finds them all there: at 10,000 messages/s, 220,000-
+#: 300,000 tuples and 80-100 ms with the loop stopped, measured on a node.
+DEDUPE_KEY_SEPARATOR = "\n"  # in no channel name
 
 
 class _Stream:
-    __slots__ = ("entries", "epoch", "last_publish", "seq")
+    """One channel's stream. History entry ``i`` has sequence number
+    ``seq - len(payloads) + 1 + i``; its offset is derived from it and the epoch."""
+
+    __slots__ = ("epoch", "last_publish", "payloads", "seq", "times")
 
     def __init__(self, now: float) -> None:
         self.epoch = secrets.token_hex(EPOCH_BYTES)
         self.seq = 0
-        self.entries: deque[_Entry] = deque()
+        self.payloads: deque[bytes] = deque()
+        self.times: deque[float] = deque()
         self.last_publish = now
 
     def position(self) -> str:
         return format_offset(self.epoch, self.seq)
+
+    def first_seq(self) -> int:
+        """The sequence number of the oldest entry kept (``seq + 1`` when none is)."""
+        return self.seq - len(self.payloads) + 1
 
 
 class MemoryBroker:
@@ -113,9 +122,11 @@ class MemoryBroker:
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
-        # Insertion order is expiry order; OrderedDict pops its oldest entry in O(1)
-        # (deleting a plain dict's first key repeatedly degrades to a scan).
-        self._dedupe: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        # Remembered ids: when each expires, in insertion order, which is expiry order
+        # (OrderedDict pops its oldest entry in O(1); deleting a plain dict's first key
+        # repeatedly degrades to a scan), and the offset each was published at.
+        self._dedupe: OrderedDict[str, float] = OrderedDict()
+        self._dedupe_offsets: dict[str, str] = {}
         self._control_callbacks: list[ControlCallback] = []
         self._published = 0
         self._duplicates = 0
@@ -136,11 +147,11 @@ class MemoryBroker:
         now = self._clock()
         key = None
         if message_id is not None:
-            key = (channel, message_id)
-            seen = self._dedupe.get(key)
-            if seen is not None and seen[1] > now:
+            key = channel + DEDUPE_KEY_SEPARATOR + message_id
+            expires = self._dedupe.get(key)
+            if expires is not None and expires > now:
                 self._duplicates += 1
-                return seen[0]
+                return self._dedupe_offsets[key]
         stream = self._streams.get(channel)
         if stream is None:
             stream = self._streams[channel] = _Stream(now)
@@ -149,10 +160,12 @@ class MemoryBroker:
         offset = format_offset(stream.epoch, seq)
         publication = Publication(offset, payload)
         if self._history_size:
-            entries = stream.entries
-            entries.append((seq, offset, payload, now))
-            if len(entries) > self._history_size:
-                entries.popleft()
+            payloads = stream.payloads
+            payloads.append(payload)
+            stream.times.append(now)
+            if len(payloads) > self._history_size:
+                payloads.popleft()
+                stream.times.popleft()
         if key is not None:
             self._remember(key, offset, now)
         self._published += 1
@@ -182,13 +195,14 @@ class MemoryBroker:
         after = parsed[1]
         if after == stream.seq:
             return HistoryResult(True, [], position)
-        entries = stream.entries
-        if not entries or entries[0][_SEQ] > after + 1:
+        first = stream.first_seq()
+        if not stream.payloads or first > after + 1:
             return HistoryResult(False, [], position)
-        skip = after + 1 - entries[0][_SEQ]
+        skip = after + 1 - first
+        epoch = stream.epoch
         publications = [
-            Publication(entry[_OFFSET], entry[_PAYLOAD])
-            for i, entry in enumerate(entries)
+            Publication(format_offset(epoch, first + i), payload)
+            for i, payload in enumerate(stream.payloads)
             if i >= skip
         ]
         return HistoryResult(True, publications, position)
@@ -238,14 +252,14 @@ class MemoryBroker:
         for channel, stream in list(self._streams.items()):
             self._expire(stream, now)
             if (
-                not stream.entries
+                not stream.payloads
                 and now - stream.last_publish > self._history_ttl_s
                 and channel not in self._subscribed
             ):
                 del self._streams[channel]
-        dedupe = self._dedupe
-        while dedupe and next(iter(dedupe.values()))[1] <= now:
-            dedupe.popitem(last=False)
+        dedupe, offsets = self._dedupe, self._dedupe_offsets
+        while dedupe and next(iter(dedupe.values())) <= now:
+            del offsets[dedupe.popitem(last=False)[0]]
 
     async def run_pruner(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -263,16 +277,19 @@ class MemoryBroker:
             self.prune()
 
     def _expire(self, stream: _Stream, now: float) -> None:
-        entries = stream.entries
+        times = stream.times
         horizon = now - self._history_ttl_s
-        while entries and entries[0][_AT] <= horizon:
-            entries.popleft()
+        while times and times[0] <= horizon:
+            times.popleft()
+            stream.payloads.popleft()
 
-    def _remember(self, key: tuple[str, str], offset: str, now: float) -> None:
-        self._dedupe[key] = (offset, now + DEDUPE_WINDOW_S)
-        self._dedupe.move_to_end(key)  # a refreshed id moves to the end: order stays expiry
-        if len(self._dedupe) > DEDUPE_MAX_ENTRIES:
-            self._dedupe.popitem(last=False)
+    def _remember(self, key: str, offset: str, now: float) -> None:
+        dedupe = self._dedupe
+        dedupe[key] = now + DEDUPE_WINDOW_S
+        dedupe.move_to_end(key)  # a refreshed id moves to the end: order stays expiry
+        self._dedupe_offsets[key] = offset
+        if len(dedupe) > DEDUPE_MAX_ENTRIES:
+            del self._dedupe_offsets[dedupe.popitem(last=False)[0]]
 
 
 _check: type[Broker] = MemoryBroker
