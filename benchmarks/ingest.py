@@ -39,9 +39,8 @@ write, from its ``/metrics`` counters: how much fan-out coalesced), and the live
 its p99 per second of the window (``latency_ms_p99_per_second``: one slow second is an
 episode, eight slow seconds a node at capacity), ``window_started_at``, and
 ``node_loop_stalls_over_50ms``: the node's loop-lag samples over 50 ms (its monitor
-measures how late a 0.1 s sleep wakes, so a stall that starts during the sleep shows
-only in part: a 80 ms pause can read as 10 ms; the in-node histogram below is the
-better witness).
+measures how late a 20 ms sleep wakes, so a stall that starts during the sleep reads
+up to 20 ms short; the in-node histogram below is the closer witness).
 The hub's latency is also split at the node's ``data.timestamp`` (stamped as it
 publishes the message, to the millisecond): ``before_node_ms_p99`` (producer, RabbitMQ,
 the node's read and parse) and ``after_node_ms_p99`` (fan-out, the sockets, the sample
@@ -742,8 +741,8 @@ def _measure(a: dict[str, Any], b: dict[str, Any], fanout: int) -> dict[str, Any
         # Frames handed to subscribers per socket write (the node's coalescing; in the
         # live phase, over the warm-up and the window).
         "frames_per_write": frames_per_write,
-        # The node's loop-lag samples (one per 0.1 s) over 50 ms, counted the same way
-        # (a stall shorter than the monitor's sleep shows only in part).
+        # The node's loop-lag samples over 50 ms, counted the same way (a stall shows
+        # only from when the monitor's sleep should have ended: up to 20 ms short).
         "node_loop_stalls_over_50ms": stalls,
         # Each message's time in the node, from the socket read that brought it to its
         # fan-out (hub_amqp_ingest_delay_seconds; live phase: warm-up included): what

@@ -309,8 +309,9 @@ _SPECS = (
         "hub_event_loop_lag_seconds",
         "histogram",
         (),
-        "How late the trio loop woke a 100 ms sleep: time the loop was blocked by "
-        "synchronous work. Sustained values over 10 ms delay every connection of the node.",
+        "How late the trio loop woke a 20 ms sleep: time the loop was blocked by "
+        "synchronous work (a pause reads up to 20 ms short of its length). Sustained values "
+        "over 10 ms delay every connection of the node.",
         "node",
     ),
     MetricSpec(

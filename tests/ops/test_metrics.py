@@ -217,3 +217,22 @@ def test_rate_window_averages_over_its_samples() -> None:
     assert window.sample(104.0, (60.0,)) == (15.0,)
     # Samples older than the window fall out: the rate is over the last ~10 s only.
     assert window.sample(120.0, (60.0,)) == pytest.approx((0.0,))
+
+
+async def test_loop_lag_monitor_sees_a_pause_nearly_whole(hub_node: RunningNode) -> None:
+    """A pause of the loop (synchronous work, a long collector pass) shows in
+    ``hub_event_loop_lag_seconds`` nearly whole, wherever in the monitor's sleep it
+    starts: an 80 ms pause reads over 50 ms (with a 0.1 s sleep, one that starts just
+    after a sample read as nothing)."""
+    import time
+
+    metrics = hub_node.node.metrics
+    pause_s = 0.08
+    with trio.fail_after(WAIT_S):
+        await metrics.wait_loop_lag_samples(metrics.loop_lag_samples + 1)
+        samples = metrics.loop_lag_samples
+        busy_until = time.perf_counter() + pause_s
+        while time.perf_counter() < busy_until:  # synchronous work: the loop is blocked
+            pass
+        await metrics.wait_loop_lag_samples(samples + 1)
+    assert metrics.last_loop_lag_s > 0.05
