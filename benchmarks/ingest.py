@@ -611,7 +611,7 @@ def rabbit_pinned(cpu: int | None, nice: int = RABBIT_NICE) -> Iterator[dict[str
     a machine of its own; the priority keeps the generator's 1,000 clients from
     starving the broker, which they would not share a machine with either (measured
     at 10,000 messages/s: without it, one or two seconds with 45-70 ms spent before
-    the node's socket read in 4 of 10 live windows; with it, in 1 of 12). Yields what
+    the node's socket read in 4 of 10 live windows; with it, in 1 of 13). Yields what
     was applied (recorded in the results): ``{"cpu": …, "nice": …}``, ``nice`` ``None``
     when not permitted.
     """
