@@ -457,9 +457,9 @@ class IngestActor:
         one bucket lookup per socket read the batch came from."""
         now = trio.current_time()
         counts = self._delay_counts
-        last_read = -1.0
+        last_read = None
         index = 0
-        total = 0.0
+        delay = total = 0.0
         for delivery in batch:
             if delivery.received_at != last_read:
                 last_read = delivery.received_at

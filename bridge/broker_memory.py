@@ -47,7 +47,7 @@ PUBLISH_YIELD_INTERVAL_S = 0.0005
 
 #: Nothing kept per publication is an object the garbage collector tracks: history is
 #: two deques of atoms (payload bytes, publish times) per channel, the dedupe window
-#: two dicts from ``"<channel>\\n<id>"`` strings to atoms. Long-lived tracked objects
+#: two dicts from ``"<channel>\n<id>"`` strings to atoms. Long-lived tracked objects
 #: made at the publish rate (a tuple per history entry, two per remembered id) while as
 #: many old ones are freed keep the collector's young-generation count from growing, so
 #: its first pass comes late and finds them all there: at 10,000 messages/s, 220,000-
