@@ -79,9 +79,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # -- the consumer (a child process on the node's CPU) -------------------------------------
+def _link(url: str, prefetch: int) -> IngestLink:
+    """The node's RabbitMQ link, as the node makes it (topology, prefetch, acks)."""
+    return IngestLink(url, name="bench/broker", prefetch=prefetch, node_id="bench")
+
+
 async def _consume(url: str, prefetch: int, seconds: float) -> array[float]:
     """Consume for ``seconds``; per message, its ``data.t`` (ns) and latency (ms)."""
-    link = IngestLink(url, name="bench/broker", prefetch=prefetch, node_id="bench")
+    link = _link(url, prefetch)
     samples: array[float] = array("d")
     loads = json.loads
     async with trio.open_nursery() as nursery:
@@ -100,7 +105,7 @@ async def _consume(url: str, prefetch: int, seconds: float) -> array[float]:
 
 
 async def _declare(url: str, prefetch: int) -> None:
-    link = IngestLink(url, name="bench/broker", prefetch=prefetch, node_id="bench")
+    link = _link(url, prefetch)
     async with trio.open_nursery() as nursery:
         await nursery.start(link.run)
         with trio.fail_after(30):
